@@ -1,0 +1,105 @@
+"""Write WebDataset tar shards from an image folder.
+
+Each sample is ``<key>.{jpg,png,webp}`` (the original bytes when already RGB in one of those
+formats, else a lossless PNG of the RGB conversion) plus ``<key>.json`` (source path and size).
+``index.json`` lists the shards with their sample counts; it is written last, so its presence
+marks a complete shard set, and the training stream uses the counts to resume without reading.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from datamodules.images import list_images, load_rgb
+from stages.files import atomic_write_text
+
+INDEX = "index.json"
+_KEEP_AS_IS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+@dataclass
+class ShardSummary:
+    out_dir: Path
+    shards: list[str] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def written(self) -> int:
+        return sum(self.counts)
+
+    def report(self) -> str:
+        lines = [f"wrote {self.written} samples into {len(self.shards)} shards in {self.out_dir}"]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} files:")
+            lines += [f"  {path}: {reason}" for path, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def encode_sample(path: Path) -> tuple[str, bytes, tuple[int, int]]:
+    """(extension, bytes, (height, width)) of one image, converted to RGB only where needed."""
+    raw = path.read_bytes()
+    with Image.open(io.BytesIO(raw)) as image:
+        fmt, mode = image.format, image.mode
+    rgb = load_rgb(raw)  # decodes fully, so a truncated file fails here and not in training
+    if fmt in _KEEP_AS_IS and mode == "RGB":
+        return _KEEP_AS_IS[fmt], raw, rgb.shape[:2]
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return "png", buffer.getvalue(), rgb.shape[:2]
+
+
+def write_shards(src_dir: str | Path, out_dir: str | Path, samples_per_shard: int = 100,
+                 min_size: int = 0, progress: bool = True) -> ShardSummary:
+    """Every readable image of at least ``min_size`` px on its short side, in sorted path order."""
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    if samples_per_shard <= 0:
+        raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
+    files = list_images(src_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / INDEX).unlink(missing_ok=True)
+    summary = ShardSummary(out_dir)
+    writer = None
+    for path in tqdm(files, desc="shards", unit="img", disable=not progress):
+        rel = path.relative_to(src_dir).as_posix()
+        try:
+            ext, data, (height, width) = encode_sample(path)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is reported, never fatal
+            summary.skipped.append((rel, f"{type(err).__name__}: {err}"))
+            continue
+        if min(height, width) < min_size:
+            summary.skipped.append((rel, f"{width}x{height} is smaller than min_size={min_size}"))
+            continue
+        if writer is None or summary.counts[-1] == samples_per_shard:
+            if writer is not None:
+                writer.close()
+            name = f"shard-{len(summary.shards):06d}.tar"
+            writer = wds.TarWriter(str(out_dir / name), mtime=0)
+            summary.shards.append(name)
+            summary.counts.append(0)
+        meta = {"source": rel, "height": height, "width": width}
+        writer.write({"__key__": f"{summary.written:08d}", ext: data, "json": json.dumps(meta).encode()})
+        summary.counts[-1] += 1
+    if writer is not None:
+        writer.close()
+    if not summary.shards:
+        raise ValueError(f"no readable images in {src_dir} ({len(summary.skipped)} skipped)")
+    index = {"shards": [{"name": n, "samples": c} for n, c in zip(summary.shards, summary.counts)]}
+    atomic_write_text(out_dir / INDEX, json.dumps(index, indent=1) + "\n")
+    return summary
+
+
+def read_index(shard_dir: str | Path) -> list[tuple[str, int]]:
+    """(shard path, sample count) of a complete shard set."""
+    shard_dir = Path(shard_dir)
+    index = shard_dir / INDEX
+    if not index.is_file():
+        raise FileNotFoundError(f"{shard_dir} has no {INDEX}: not a complete shard set (run `train.py shards`)")
+    entries = json.loads(index.read_text())["shards"]
+    return [(str(shard_dir / e["name"]), int(e["samples"])) for e in entries]

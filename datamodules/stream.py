@@ -1,0 +1,136 @@
+"""A training stream over WebDataset shards that a resumed run rebuilds exactly.
+
+Every batch is a pure function of (seed, rank, batch index): shards are split by node and by
+worker into disjoint subsets, each subset is read pass after pass forever (so DDP ranks never run
+out of data), with the shard order reshuffled every pass and the samples of a shard permuted. A
+resumed run jumps to its batch with shard sample counts alone, without reading what it skips.
+
+Batch ``b`` holds the raw samples ``[b·B, (b+1)·B)`` of its stream; a sample that fails to decode
+is dropped from its batch and counted in ``batch["skipped"]``, so one bad sample neither stops
+training nor shifts any later batch.
+"""
+from __future__ import annotations
+
+import itertools
+import tarfile
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from datamodules.images import load_rgb
+from webdataset.gopen import gopen
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Which part of the data a loader worker produces."""
+
+    stream: int
+    num_streams: int
+    first_batch: int
+
+
+def worker_position(start_batch: int, rank: int, world_size: int, worker: int, num_workers: int) -> StreamPosition:
+    """A DataLoader hands out worker batches round-robin, so the loader's j-th batch (global batch
+    ``start + j``) comes from worker ``j mod W``. That worker therefore plays stream
+    ``(start + j) mod W`` of this rank, which has already produced ``(start + worker) // W`` batches."""
+    original = (start_batch + worker) % num_workers
+    return StreamPosition(rank * num_workers + original, world_size * num_workers, (start_batch + worker) // num_workers)
+
+
+def stream_shards(shards: list[tuple[str, int]], stream: int, num_streams: int) -> list[tuple[str, int]]:
+    """Disjoint shard subsets per stream (split by node, then by worker); with fewer shards than
+    streams every stream reads all shards, in its own order."""
+    return shards[stream::num_streams] if len(shards) >= num_streams else list(shards)
+
+
+def raw_samples(shards: list[tuple[str, int]], seed: int, stream: int, skip: int) -> Iterator[dict]:
+    """The stream's infinite sequence of raw samples (dicts of bytes), starting ``skip`` samples in."""
+    total = sum(count for _, count in shards)
+    if total == 0:
+        raise ValueError("the shard set holds no samples")
+    for epoch in itertools.count(skip // total):
+        skip_in_epoch = skip - epoch * total if epoch * total <= skip else 0
+        order = np.random.default_rng([seed, stream, epoch]).permutation(len(shards))
+        for position in order:
+            url, count = shards[position]
+            if skip_in_epoch >= count:
+                skip_in_epoch -= count
+                continue
+            samples = read_shard(url)
+            permutation = np.random.default_rng([seed, stream, epoch, int(position)]).permutation(len(samples))
+            for index in permutation[skip_in_epoch:]:
+                yield samples[index]
+            skip_in_epoch = 0
+
+
+def read_shard(url: str) -> list[dict]:
+    """All samples of one shard (a few MB), grouped by key as WebDataset does."""
+    samples: dict[str, dict] = {}
+    with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            if not member.isreg() or "." not in member.name:
+                continue
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {"__key__": key, "__url__": url})[ext.lower()] = tar.extractfile(member).read()
+    return [samples[key] for key in sorted(samples)]
+
+
+def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A ``size``² crop with a random horizontal flip; images smaller than the crop are upscaled."""
+    height, width = image.shape[:2]
+    if min(height, width) < size:
+        scale = size / min(height, width)
+        new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+        image = np.asarray(Image.fromarray(image).resize(new_size, Image.BICUBIC))
+        height, width = image.shape[:2]
+    top, left = rng.integers(0, height - size + 1), rng.integers(0, width - size + 1)
+    crop = image[top: top + size, left: left + size]
+    return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
+def decode_image(sample: dict) -> np.ndarray:
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None:
+        raise KeyError(f"sample {sample.get('__key__')} has no image ({sorted(sample)})")
+    return load_rgb(sample[key])
+
+
+class CropStream(IterableDataset):
+    """Batches of random crops (``{"image": B×3×S×S, "skipped": int}``); use with ``batch_size=None``."""
+
+    def __init__(self, shards: list[tuple[str, int]], crop: int, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1, start_batch: int = 0):
+        self.shards, self.crop, self.batch_size, self.seed = shards, crop, batch_size, seed
+        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        position = worker_position(self.start_batch, self.rank, self.world_size, worker, num_workers)
+        shards = stream_shards(self.shards, position.stream, position.num_streams)
+        first_raw = position.first_batch * self.batch_size
+        samples = raw_samples(shards, self.seed, position.stream, first_raw)
+        for batch_index in itertools.count(position.first_batch):
+            window = list(itertools.islice(samples, self.batch_size))
+            yield self._collate(window, position.stream, batch_index)
+
+    def _collate(self, window: list[dict], stream: int, batch_index: int) -> dict:
+        crops, skipped = [], 0
+        for offset, sample in enumerate(window):
+            rng = np.random.default_rng([self.seed, stream, batch_index * self.batch_size + offset])
+            try:
+                crops.append(random_crop(decode_image(sample), self.crop, rng))
+            except Exception:  # noqa: BLE001 - counted and logged as train/skipped_samples
+                skipped += 1
+        if not crops:
+            raise RuntimeError(f"every sample of batch {batch_index} failed to decode (shard "
+                               f"{window[0].get('__url__') if window else '?'} looks corrupt)")
+        images = torch.from_numpy(np.ascontiguousarray(np.stack(crops))).permute(0, 3, 1, 2).float().div(255)
+        return {"image": images, "skipped": skipped}

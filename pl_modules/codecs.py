@@ -1,0 +1,78 @@
+"""CompressAI architectures by the names CompressAI's zoo uses, and strict weight loading."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from compressai.models import (
+    Cheng2020Anchor,
+    Cheng2020Attention,
+    CompressionModel,
+    FactorizedPrior,
+    JointAutoregressiveHierarchicalPriors,
+    MeanScaleHyperprior,
+    ScaleHyperprior,
+)
+from safetensors.torch import load_file, save_file
+
+ARCHITECTURES: dict[str, Callable[[int, int], CompressionModel]] = {}
+
+# Every architecture here downsamples by 2^6 at most (4 in the analysis transform, 2 in the hyper-analysis).
+PAD_MULTIPLE = 64
+
+
+def register(name: str):
+    def add(builder: Callable[[int, int], CompressionModel]):
+        if name in ARCHITECTURES:
+            raise KeyError(f"codec architecture '{name}' is already registered")
+        ARCHITECTURES[name] = builder
+        return builder
+    return add
+
+
+register("bmshj2018-factorized")(lambda N, M: FactorizedPrior(N, M))
+register("bmshj2018-hyperprior")(lambda N, M: ScaleHyperprior(N, M))
+register("mbt2018-mean")(lambda N, M: MeanScaleHyperprior(N, M))
+register("mbt2018")(lambda N, M: JointAutoregressiveHierarchicalPriors(N, M))
+# Cheng et al. tie the latent width to N; M is ignored there, as in CompressAI's zoo.
+register("cheng2020-anchor")(lambda N, M: Cheng2020Anchor(N))
+register("cheng2020-attn")(lambda N, M: Cheng2020Attention(N))
+
+
+def build_codec(architecture: str, N: int, M: int) -> CompressionModel:
+    if architecture not in ARCHITECTURES:
+        raise KeyError(f"unknown codec architecture '{architecture}'; choose one of {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[architecture](N, M)
+
+
+def split_parameters(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(network, auxiliary) parameters: the entropy bottleneck's quantiles learn only from the aux loss."""
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    aux_names = {name for name in named if name.endswith(".quantiles")}
+    net_names = set(named) - aux_names
+    assert net_names.isdisjoint(aux_names) and net_names | aux_names == set(named), "parameter split is not a partition"
+    assert aux_names, "a CompressAI model has at least one entropy bottleneck with quantiles"
+    return [named[n] for n in sorted(net_names)], [named[n] for n in sorted(aux_names)]
+
+
+def save_codec(model: CompressionModel, path: str | Path) -> None:
+    """Weights after ``update(force=True)``, so the CDF tables the entropy coder uses travel with them."""
+    model.update(force=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def load_codec_weights(model: CompressionModel, path: str | Path) -> CompressionModel:
+    """Strict load: a checkpoint from another architecture or CompressAI layout fails, naming the keys."""
+    state = load_file(str(path))
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the codec: missing keys {_few(missing)}, unexpected keys {_few(unexpected)}")
+    # CompressionModel.load_state_dict resizes the CDF buffers before the strict copy.
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    return "[]" if not keys else "[" + ", ".join(keys[:n]) + (f", … {len(keys) - n} more" if len(keys) > n else "") + "]"

@@ -1,0 +1,28 @@
+"""Learning-rate schedules and per-step seeds: pure functions of the step, so resume replays them."""
+from __future__ import annotations
+
+import math
+
+SCHEDULES = ("cosine", "constant")
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, final_fraction: float) -> float:
+    """Multiplier of the base LR: linear warm-up, then constant or cosine decay to ``final_fraction``.
+
+    CompressAI's models are judged after the LR has decayed; a constant LR leaves a noisy snapshot.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"unknown LR schedule '{schedule}'; choose one of {SCHEDULES}")
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A distinct 63-bit seed for every (run seed, step, rank)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0]) >> 1

@@ -1,0 +1,65 @@
+"""The Lightning Trainer every stage runs under: checkpoints for resume, logs, launch settings."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from stages.config import TrainerConfig
+from stages.files import atomic_write_bytes
+
+LAST = "last.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """A run killed while saving keeps its previous last.ckpt instead of a truncated one."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+
+
+def build_trainer(cfg: TrainerConfig, stage_dir: str | Path, limit_val_batches: int | float = 1.0) -> L.Trainer:
+    stage_dir = Path(stage_dir)
+    checkpoint = ModelCheckpoint(dirpath=stage_dir, filename="step-{step}", save_top_k=0, save_last=True,
+                                 every_n_train_steps=cfg.checkpoint_every, save_on_train_epoch_end=False)
+    checkpoint.CHECKPOINT_NAME_LAST = LAST.removesuffix(".ckpt")
+    return L.Trainer(
+        default_root_dir=stage_dir,
+        max_steps=cfg.max_steps,
+        max_epochs=-1,
+        val_check_interval=cfg.val_every,
+        check_val_every_n_epoch=None,
+        limit_val_batches=limit_val_batches,
+        num_sanity_val_steps=0,
+        log_every_n_steps=cfg.log_every,
+        accelerator=cfg.accelerator,
+        devices=_devices(cfg.devices),
+        num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy,
+        precision=cfg.precision,
+        logger=TensorBoardLogger(save_dir=stage_dir, name="tb", version=""),
+        callbacks=[checkpoint],
+        plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=cfg.progress_bar,
+        enable_model_summary=False,
+    )
+
+
+def last_checkpoint(stage_dir: str | Path) -> Path | None:
+    path = Path(stage_dir) / LAST
+    return path if path.is_file() else None
+
+
+def _devices(devices: str) -> int | str | list[int]:
+    if devices.isdigit():
+        return int(devices)
+    if "," in devices:
+        return [int(d) for d in devices.split(",") if d.strip()]
+    return devices

@@ -1,0 +1,119 @@
+"""Command line: parse, validate the config, dispatch to a stage or a tool. Nothing else lives here."""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+CONFIG_EPILOG = "config keys (set with key=value; YAML files given with -c are merged first):\n"
+EXIT_CONFIG, EXIT_FAILED = 2, 1
+
+
+def schema_help(schema) -> str:
+    from stages.config import describe
+
+    rows = describe(schema)
+    width = max(len(key) for key, _, _ in rows)
+    return CONFIG_EPILOG + "\n".join(f"  {key:<{width}}  {default:<14} {doc}" for key, default, doc in rows)
+
+
+def add_config_command(sub, name: str, schema, help_text: str, presets: tuple[Path, ...] = ()):
+    parser = sub.add_parser(name, help=help_text, description=help_text, epilog=schema_help(schema),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", action="append", default=[], help="YAML file(s) overriding the defaults")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.set_defaults(schema=schema, presets=presets)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from stages.quickstart import PRESET, QuickstartConfig
+    from stages.stage1 import Stage1Config
+
+    parser = argparse.ArgumentParser(prog="train.py", description="Learned image compression with diffusion priors.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_config_command(sub, "stage1", Stage1Config, "rate–distortion pretraining of a CompressAI codec")
+    add_config_command(sub, "quickstart", QuickstartConfig,
+                       "build shards from bundled photos, train a small codec on CPU, print real-bitstream results",
+                       presets=(PRESET,))
+
+    shards = sub.add_parser("shards", help="write WebDataset shards from an image folder")
+    shards.add_argument("src_dir")
+    shards.add_argument("out_dir")
+    shards.add_argument("--samples-per-shard", type=int, default=100)
+    shards.add_argument("--min-size", type=int, default=0, help="skip images whose short side is smaller")
+
+    compress = sub.add_parser("compress", help="encode an image into a bitstream file")
+    compress.add_argument("image")
+    compress.add_argument("-m", "--model", required=True, help="a stage-1 final/ folder")
+    compress.add_argument("-o", "--output", required=True)
+
+    decompress = sub.add_parser("decompress", help="decode a bitstream file into a PNG")
+    decompress.add_argument("bitstream")
+    decompress.add_argument("-o", "--output", required=True)
+    decompress.add_argument("-m", "--model", help="a stage-1 final/ folder (default: found under checkpoints/ "
+                                                  "by the weights hash the file names)")
+    return parser
+
+
+def resolve_config(args):
+    from stages.config import load_config, to_yaml
+
+    cfg = load_config(args.schema, [*args.presets, *args.config], args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return None
+    return cfg
+
+
+def run_command(args) -> None:
+    if args.command == "shards":
+        from datamodules.shards import write_shards
+
+        print(write_shards(args.src_dir, args.out_dir, args.samples_per_shard, args.min_size).report())
+    elif args.command == "compress":
+        from stages.codec_io import compress_file
+
+        result = compress_file(args.image, args.model, args.output)
+        print(f"{result.path}: {result.num_bytes} bytes, {result.width}x{result.height}, {result.bpp:.4f} bpp")
+    elif args.command == "decompress":
+        from stages.codec_io import decompress_file
+
+        print(f"wrote {decompress_file(args.bitstream, args.output, args.model)}")
+    elif (cfg := resolve_config(args)) is not None:
+        if args.command == "stage1":
+            from stages import stage1
+
+            print(f"final: {stage1.run(cfg)}")
+        elif args.command == "quickstart":
+            from stages import quickstart
+
+            quickstart.run(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    # CompressAI's import-time torch.jit.script calls warn on every run and say nothing actionable.
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    # Our checkpoints are taken after the optimizer step on purpose: global_step counts finished steps.
+    warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
+    from pl_modules.bitstream import BitstreamError
+    from stages.config import ConfigError
+    from stages.manifest import ManifestError
+
+    args = build_parser().parse_args(argv)
+    try:
+        run_command(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (BitstreamError, ManifestError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
