@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
     # Our checkpoints are taken after the optimizer step on purpose: global_step counts finished steps.
     warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     from pl_modules.bitstream import BitstreamError
     from stages.config import ConfigError
     from stages.manifest import ManifestError

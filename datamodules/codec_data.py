@@ -25,6 +25,8 @@ class ImageDataConfig:
     """Crops per batch, per rank."""
     num_workers: int = 2
     """Loader processes per rank; a resumed run must use the same count to replay the same batches."""
+    decoded_cache_mb: int = 0
+    """Keep up to this many MB of decoded images per loader worker (for data sets that fit: decode once)."""
     val_max_images: int = 0
     """Validate on the first this-many images only (0: all)."""
 
@@ -59,7 +61,8 @@ class CodecDataModule(L.LightningDataModule):
         # Called after Lightning restored a checkpoint, so global_step is where a resumed run stands.
         trainer = self.trainer
         stream = CropStream(read_index(self.cfg.train_shards), self.cfg.crop, self.cfg.batch_size, self.seed,
-                            rank=trainer.global_rank, world_size=trainer.world_size, start_batch=trainer.global_step)
+                            rank=trainer.global_rank, world_size=trainer.world_size, start_batch=trainer.global_step,
+                            cache_mb=self.cfg.decoded_cache_mb)
         return DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
                           persistent_workers=False, pin_memory=torch.cuda.is_available())
 

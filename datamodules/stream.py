@@ -12,7 +12,9 @@ training nor shifts any later batch.
 from __future__ import annotations
 
 import itertools
+import logging
 import tarfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -25,6 +27,7 @@ from datamodules.images import load_rgb
 from webdataset.gopen import gopen
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -102,13 +105,35 @@ def decode_image(sample: dict) -> np.ndarray:
     return load_rgb(sample[key])
 
 
+class DecodedCache:
+    """Decoded images up to a byte budget, least recently used out first: a small data set (the
+    quickstart's photos) is then decoded once per worker instead of once per crop."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget, self.used, self.images = budget_bytes, 0, OrderedDict()
+
+    def get(self, sample: dict) -> np.ndarray:
+        key = (sample.get("__url__"), sample.get("__key__"))
+        if key in self.images:
+            self.images.move_to_end(key)
+            return self.images[key]
+        image = decode_image(sample)
+        if image.nbytes <= self.budget:
+            self.images[key] = image
+            self.used += image.nbytes
+            while self.used > self.budget:
+                self.used -= self.images.popitem(last=False)[1].nbytes
+        return image
+
+
 class CropStream(IterableDataset):
     """Batches of random crops (``{"image": B×3×S×S, "skipped": int}``); use with ``batch_size=None``."""
 
     def __init__(self, shards: list[tuple[str, int]], crop: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, start_batch: int = 0):
+                 rank: int = 0, world_size: int = 1, start_batch: int = 0, cache_mb: int = 0):
         self.shards, self.crop, self.batch_size, self.seed = shards, crop, batch_size, seed
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+        self.cache_mb = cache_mb
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -117,17 +142,19 @@ class CropStream(IterableDataset):
         shards = stream_shards(self.shards, position.stream, position.num_streams)
         first_raw = position.first_batch * self.batch_size
         samples = raw_samples(shards, self.seed, position.stream, first_raw)
+        cache = DecodedCache(self.cache_mb << 20)
         for batch_index in itertools.count(position.first_batch):
             window = list(itertools.islice(samples, self.batch_size))
-            yield self._collate(window, position.stream, batch_index)
+            yield self._collate(window, position.stream, batch_index, cache)
 
-    def _collate(self, window: list[dict], stream: int, batch_index: int) -> dict:
+    def _collate(self, window: list[dict], stream: int, batch_index: int, cache: DecodedCache) -> dict:
         crops, skipped = [], 0
         for offset, sample in enumerate(window):
             rng = np.random.default_rng([self.seed, stream, batch_index * self.batch_size + offset])
             try:
-                crops.append(random_crop(decode_image(sample), self.crop, rng))
-            except Exception:  # noqa: BLE001 - counted and logged as train/skipped_samples
+                crops.append(random_crop(cache.get(sample), self.crop, rng))
+            except Exception as err:  # noqa: BLE001 - counted and logged as train/skipped_samples
+                log.warning("skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), err)
                 skipped += 1
         if not crops:
             raise RuntimeError(f"every sample of batch {batch_index} failed to decode (shard "

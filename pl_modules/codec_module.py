@@ -112,3 +112,8 @@ class CodecModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_samples = checkpoint.get("skipped_samples", 0)
+        # The entropy coder's tables were sized by update() before the checkpoint; CompressAI's own
+        # load_state_dict resizes ours to match, which Lightning's generic load would refuse.
+        prefix = "codec."
+        self.codec.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items()
+                                    if k.startswith(prefix)})

@@ -20,6 +20,7 @@ ARCHITECTURES: dict[str, Callable[[int, int], CompressionModel]] = {}
 
 # Every architecture here downsamples by 2^6 at most (4 in the analysis transform, 2 in the hyper-analysis).
 PAD_MULTIPLE = 64
+CODER_TABLES = {"_quantized_cdf", "_offset", "_cdf_length", "scale_table"}
 
 
 def register(name: str):
@@ -63,13 +64,16 @@ def save_codec(model: CompressionModel, path: str | Path) -> None:
 
 
 def load_codec_weights(model: CompressionModel, path: str | Path) -> CompressionModel:
-    """Strict load: a checkpoint from another architecture or CompressAI layout fails, naming the keys."""
+    """Strict load: a checkpoint from another architecture, size or CompressAI layout fails, naming keys."""
     state = load_file(str(path))
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not match the codec: missing keys {_few(missing)}, unexpected keys {_few(unexpected)}")
-    # CompressionModel.load_state_dict resizes the CDF buffers before the strict copy.
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    # The entropy coder's tables are sized by update(); CompressAI resizes them on load.
+    resized = [k for k in set(state) & set(expected) if state[k].shape != expected[k].shape
+               and k.rsplit(".", 1)[-1] not in CODER_TABLES]
+    if missing or unexpected or resized:
+        raise ValueError(f"{path} does not match the codec: missing keys {_few(missing)}, unexpected keys "
+                         f"{_few(unexpected)}, shape mismatches {_few(sorted(resized))}")
     model.load_state_dict(state, strict=True)
     return model
 

@@ -1,0 +1,58 @@
+import pytest
+
+from stages.config import ConfigError, describe, load_config
+from stages.stage1 import Stage1Config
+from train import main
+
+REQUIRED = ["data.train_shards=/s", "data.val_dir=/v"]
+
+
+def test_yaml_then_overrides_merge_onto_the_schema(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("lmbda: 0.013\ncodec:\n  N: 64\n")
+    cfg = load_config(Stage1Config, [preset], [*REQUIRED, "codec.N=96", "trainer.max_steps=7"])
+    assert (cfg.lmbda, cfg.codec.N, cfg.trainer.max_steps, cfg.codec.M) == (0.013, 96, 7, 192)
+    assert isinstance(cfg, Stage1Config)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["codec.width=3"], "unknown config key 'codec.width'"),
+    (["trainer.max_steps=many"], "wrong type for 'trainer.max_steps'"),
+    (["data.crop=100"], "data.crop must be a multiple of 64"),
+    (["distortion=l1"], "distortion must be mse or ms-ssim"),
+    (["distortion=ms-ssim", "data.crop=128"], "data.crop must be at least 192"),
+    (["trainer.precision=16-mixed"], "trainer.precision must be one of"),
+    (["lmbda"], "not of the form key=value"),
+])
+def test_bad_values_fail_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Stage1Config, overrides=[*REQUIRED, *overrides])
+
+
+def test_missing_required_value_is_named():
+    with pytest.raises(ConfigError, match="missing required value: data.val_dir"):
+        load_config(Stage1Config, overrides=["data.train_shards=/s"])
+
+
+def test_unknown_key_in_yaml_is_named(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("optim:\n  learning_rate: 1\n")
+    with pytest.raises(ConfigError, match="optim.learning_rate"):
+        load_config(Stage1Config, [preset], REQUIRED)
+
+
+def test_cli_config_error_is_one_line_and_exit_status_2(capsys):
+    assert main(["stage1", *REQUIRED, "trainer.bogus=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: unknown config key 'trainer.bogus'"
+
+
+def test_print_config_shows_the_resolved_values(capsys):
+    assert main(["stage1", "--print-config", *REQUIRED, "lmbda=0.0483"]) == 0
+    assert "lmbda: 0.0483" in capsys.readouterr().out
+
+
+def test_help_lists_every_key_with_its_doc():
+    rows = {key: doc for key, _, doc in describe(Stage1Config)}
+    assert "optim.aux_lr" in rows and "quantiles" in rows["optim.aux_lr"]
+    assert all(doc for key, doc in rows.items()), [k for k, d in rows.items() if not d]

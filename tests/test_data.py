@@ -1,0 +1,102 @@
+import hashlib
+import json
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from datamodules.shards import read_index, write_shards
+from datamodules.stream import CropStream, raw_samples, stream_shards, worker_position
+
+
+def batches(shards, start, count, num_workers=0, rank=0, world_size=1, batch_size=3, crop=64):
+    stream = CropStream(shards, crop, batch_size, seed=7, rank=rank, world_size=world_size, start_batch=start)
+    loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == count:
+            return out
+
+
+@pytest.fixture
+def messy_folder(tmp_path, photo_dir):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    paths = sorted(photo_dir.iterdir())[:5]
+    for path in paths:
+        Image.open(path).convert("RGB").save(folder / (path.stem + ".png"))
+    Image.open(paths[0]).convert("L").save(folder / "grey.tif")
+    Image.open(paths[0]).convert("RGBA").save(folder / "sub_alpha.webp")
+    Image.open(paths[0]).convert("RGB").resize((40, 30)).save(folder / "tiny.bmp")
+    (folder / "broken.jpg").write_bytes(paths[0].read_bytes()[:200])
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_shards_convert_to_rgb_skip_unreadable_and_small_and_are_deterministic(messy_folder, tmp_path):
+    summary = write_shards(messy_folder, tmp_path / "a", samples_per_shard=3, min_size=64, progress=False)
+    assert summary.written == 7 and summary.counts == [3, 3, 1]
+    assert sorted(p for p, _ in summary.skipped) == ["broken.jpg", "tiny.bmp"]
+    assert "smaller than min_size=64" in dict(summary.skipped)["tiny.bmp"]
+    assert [c for _, c in read_index(tmp_path / "a")] == [3, 3, 1]
+    again = write_shards(messy_folder, tmp_path / "b", samples_per_shard=3, min_size=64, progress=False)
+    for first, second in zip(summary.shards, again.shards):
+        digest = [hashlib.sha256((tmp_path / d / n).read_bytes()).hexdigest() for d, n in (("a", first), ("b", second))]
+        assert digest[0] == digest[1]
+    first = next(raw_samples(read_index(tmp_path / "a"), seed=0, stream=0, skip=0))
+    meta = json.loads(first["json"])
+    assert meta["source"] in {p.name for p in messy_folder.iterdir()} and min(meta["height"], meta["width"]) >= 64
+
+
+def test_worker_position_replays_the_round_robin_of_an_uninterrupted_loader():
+    # Uninterrupted, 3 workers: global batch g comes from stream g % 3 as its (g // 3)-th batch.
+    for start in range(7):
+        for worker in range(3):
+            pos = worker_position(start, rank=0, world_size=1, worker=worker, num_workers=3)
+            assert (pos.stream, pos.first_batch) == ((start + worker) % 3, (start + worker) // 3)
+
+
+def test_resumed_stream_equals_the_uninterrupted_stream(shard_dir):
+    shards = read_index(shard_dir)
+    full = batches(shards, start=0, count=8, num_workers=2)
+    resumed = batches(shards, start=5, count=3, num_workers=2)
+    for a, b in zip(full[5:], resumed):
+        assert torch.equal(a["image"], b["image"])
+    assert not torch.equal(full[0]["image"], full[1]["image"])
+
+
+def test_resume_past_several_passes_uses_counts_without_reading(shard_dir):
+    shards = read_index(shard_dir)
+    total = sum(c for _, c in shards)
+    skip = 3 * total + 5
+    direct = [s["__key__"] for s in _take(raw_samples(shards, 1, 0, skip), 4)]
+    walked = [s["__key__"] for s in _take(raw_samples(shards, 1, 0, 0), skip + 4)][skip:]
+    assert direct == walked
+
+
+def test_ranks_read_disjoint_shards(shard_dir):
+    shards = read_index(shard_dir)
+    keys = []
+    for rank in range(2):
+        subset = stream_shards(shards, rank, 2)
+        keys.append({s["__url__"] for s in _take(raw_samples(subset, 0, rank, 0), 8)})
+    assert keys[0].isdisjoint(keys[1])
+
+
+def test_a_sample_that_fails_to_decode_is_counted_not_fatal(tmp_path, photo_dir):
+    write_shards(photo_dir, tmp_path / "s", samples_per_shard=50, progress=False)
+    tar = next((tmp_path / "s").glob("*.tar"))
+    data = bytearray(tar.read_bytes())
+    start = data.find(b"\xff\xd8\xff")  # the first JPEG; PNG sources are caught by their signature
+    start = start if start >= 0 else data.find(b"\x89PNG")
+    data[start: start + 64] = bytes(64)
+    tar.write_bytes(bytes(data))
+    got = batches(read_index(tmp_path / "s"), start=0, count=6, batch_size=2)
+    assert sum(b["skipped"] for b in got) == 1
+    assert sum(b["image"].shape[0] for b in got) == 11
+
+
+def _take(iterator, n):
+    return [sample for sample, _ in zip(iterator, range(n))]

@@ -1,0 +1,55 @@
+import math
+
+import pytest
+import torch
+from pytorch_msssim import ms_ssim as reference_ms_ssim
+
+from pl_modules.losses import bits_per_pixel, msssim_rd_loss, mse_rd_loss, psnr
+from pl_modules.schedules import lr_factor, step_seed
+
+
+def test_bits_per_pixel_counts_minus_log2_likelihood_per_input_pixel():
+    likelihoods = {"y": torch.full((1, 2, 2, 2), 0.5), "z": torch.full((1, 1, 1, 1), 0.25)}
+    # 8 symbols at 1 bit + 1 symbol at 2 bits = 10 bits over a 1×3×2×2 input of 4 pixels.
+    assert bits_per_pixel(likelihoods, num_pixels=4).item() == pytest.approx(2.5)
+
+
+def test_mse_rd_loss_is_lambda_255_squared_mse_plus_bpp():
+    x = torch.zeros(1, 3, 4, 4)
+    x_hat = torch.full_like(x, 0.1)
+    out = mse_rd_loss(x_hat, x, torch.tensor(0.5), lmbda=0.01)
+    assert out["mse"].item() == pytest.approx(0.01)
+    assert out["loss"].item() == pytest.approx(0.01 * 255**2 * 0.01 + 0.5)
+
+
+def test_msssim_rd_loss_is_lambda_one_minus_msssim_plus_bpp():
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 192, 192)
+    assert msssim_rd_loss(x, x, torch.tensor(0.3), lmbda=5.0)["loss"].item() == pytest.approx(0.3, abs=1e-5)
+    x_hat = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    out = msssim_rd_loss(x_hat, x, torch.tensor(0.3), lmbda=5.0)
+    expected = reference_ms_ssim(x_hat, x, data_range=1.0).item()  # an independent implementation
+    assert out["ms_ssim"].item() == pytest.approx(expected, abs=2e-3)
+    assert out["loss"].item() == pytest.approx(5.0 * (1 - out["ms_ssim"].item()) + 0.3, abs=1e-5)
+
+
+def test_psnr_of_a_known_error():
+    x = torch.zeros(1, 3, 8, 8)
+    assert psnr(x + 0.1, x) == pytest.approx(20.0)
+    assert psnr(x, x) == math.inf
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_final_fraction():
+    assert lr_factor(0, 100, 10, "cosine", 0.01) == pytest.approx(0.1)
+    assert lr_factor(10, 100, 10, "cosine", 0.01) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine", 0.01) == pytest.approx(0.505)
+    assert lr_factor(100, 100, 10, "cosine", 0.01) == pytest.approx(0.01)
+    assert lr_factor(70, 100, 0, "constant", 0.01) == 1.0
+    with pytest.raises(ValueError, match="unknown LR schedule"):
+        lr_factor(1, 10, 0, "linear", 0.0)
+
+
+def test_step_seeds_differ_across_steps_and_ranks_and_repeat():
+    seeds = {step_seed(0, s, r) for s in range(50) for r in range(4)}
+    assert len(seeds) == 200
+    assert step_seed(3, 7, 1) == step_seed(3, 7, 1) < 2**63

@@ -1,0 +1,158 @@
+"""Stage 1 end to end on tiny configs: training, manifest, resume, real bitstreams, the codec CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from PIL import Image
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import tiny_stage1
+from datamodules.images import list_images, load_rgb, to_tensor, to_uint8
+from pl_modules.bitstream import decode_image, encode_image
+from stages import stage1
+from stages.manifest import ManifestError, read_manifest
+from train import main
+
+
+def scalars(stage_dir, tag):
+    events = EventAccumulator(str(stage_dir / "tb"))
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]
+
+
+def test_training_lowers_the_loss_and_hands_over_a_valid_final(trained_run):
+    cfg, final = trained_run
+    losses = scalars(cfg.stage_dir, "train/loss")
+    assert len(losses) == 8 and np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2])
+    manifest = read_manifest(final, expect_stage="stage1")
+    assert manifest.codec == {"architecture": "bmshj2018-hyperprior", "N": 32, "M": 48}
+    assert manifest.lmbda == cfg.lmbda and manifest.distortion == "mse"
+    metrics = manifest.metrics
+    assert 0.05 < metrics["val/bpp"] < 8 and 10 < metrics["val/psnr"] < 60
+    # Real bytes against the likelihoods: equal but for the container header and coder overhead.
+    assert metrics["val/bpp"] == pytest.approx(metrics["val/bpp_estimated"], rel=0.1)
+    for name in ("config.yaml", "git.txt", "pip-freeze.txt", "last.ckpt"):
+        assert (cfg.stage_dir / name).is_file(), name
+    assert "lightning==" in (cfg.stage_dir / "pip-freeze.txt").read_text()
+    assert (final / "config.yaml").read_text() == (cfg.stage_dir / "config.yaml").read_text()
+
+
+def test_a_tampered_final_is_refused(trained_run, tmp_path):
+    _, final = trained_run
+    copy = tmp_path / "final"
+    copy.mkdir()
+    for path in final.iterdir():
+        copy.joinpath(path.name).write_bytes(path.read_bytes())
+    data = bytearray((copy / "codec.safetensors").read_bytes())
+    data[-1] ^= 1
+    (copy / "codec.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="sha256 of codec.safetensors does not match"):
+        read_manifest(copy)
+
+
+class CrashAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, shard_dir, eval_dir, monkeypatch):
+    # Validation at step 4 sizes the entropy coder's tables before the checkpoint that resumes.
+    overrides = ("trainer.max_steps=16", "trainer.checkpoint_every=4", "trainer.val_every=4",
+                 "data.num_workers=2", "data.val_max_images=1")
+    straight = stage1.run(tiny_stage1(tmp_path / "a", shard_dir, eval_dir, *overrides))
+
+    cfg = tiny_stage1(tmp_path / "b", shard_dir, eval_dir, *overrides)
+    build = stage1.build_trainer
+
+    def crashing_trainer(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.callbacks.insert(0, CrashAt(10))
+        return trainer
+
+    monkeypatch.setattr(stage1, "build_trainer", crashing_trainer)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        stage1.run(cfg)
+    assert torch.load(cfg.stage_dir / "last.ckpt", weights_only=False)["global_step"] == 8
+    monkeypatch.setattr(stage1, "build_trainer", build)
+    resumed = stage1.run(cfg)
+
+    a, b = load_file(straight / "codec.safetensors"), load_file(resumed / "codec.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    state = torch.load(cfg.stage_dir / "last.ckpt", weights_only=False)
+    assert [o["state"][0]["step"].item() for o in state["optimizer_states"]] == [16.0, 16.0]
+
+
+def test_compress_decompress_cli_gives_the_validation_pixels_and_the_file_bpp(trained_run, eval_dir, tmp_path, capsys):
+    _, final = trained_run
+    image = list_images(eval_dir)[0]
+    out = tmp_path / "x.bin"
+    assert main(["compress", str(image), "-m", str(final), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    height, width = load_rgb(image).shape[:2]
+    file_bpp = 8 * out.stat().st_size / (height * width)
+    assert f"{file_bpp:.4f} bpp" in printed and f"{out.stat().st_size} bytes" in printed
+
+    rec = tmp_path / "rec.png"
+    assert main(["decompress", str(out), "-o", str(rec), "-m", str(final)]) == 0
+    codec, _, sha = stage1.load_final(final)
+    x = to_tensor(load_rgb(image)).unsqueeze(0)
+    expected = to_uint8(decode_image(codec, encode_image(codec, x, sha), sha))
+    assert np.array_equal(np.asarray(Image.open(rec)), expected)
+
+
+def test_decompress_without_a_model_finds_it_by_the_hash_in_the_file(trained_run, eval_dir, tmp_path, monkeypatch):
+    cfg, final = trained_run
+    runs = tmp_path / "project"
+    runs.mkdir()
+    (runs / "checkpoints").symlink_to(cfg.output_root, target_is_directory=True)  # where users keep runs
+    monkeypatch.chdir(runs)
+    image = list_images(eval_dir)[1]
+    assert main(["compress", str(image), "-m", str(final), "-o", "y.bin"]) == 0
+    assert main(["decompress", "y.bin", "-o", "y.png"]) == 0
+    codec, _, sha = stage1.load_final(final)
+    x = to_tensor(load_rgb(image)).unsqueeze(0)
+    assert np.array_equal(np.asarray(Image.open(runs / "y.png")), to_uint8(decode_image(codec, encode_image(codec, x, sha), sha)))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "other-model"])
+def test_damaged_or_foreign_bitstreams_fail_with_one_line(damage, trained_run, eval_dir, tmp_path, capsys,
+                                                         shard_dir):
+    cfg, final = trained_run
+    image = list_images(eval_dir)[0]
+    out = tmp_path / "z.bin"
+    assert main(["compress", str(image), "-m", str(final), "-o", str(out)]) == 0
+    data = bytearray(out.read_bytes())
+    model = final
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[len(data) // 2] ^= 0x04
+    else:
+        other = tiny_stage1(tmp_path, shard_dir, eval_dir, "trainer.max_steps=2", "trainer.val_every=2",
+                            "data.val_max_images=1", "trainer.seed=5")
+        model = stage1.run(other)
+    out.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["decompress", str(out), "-o", str(tmp_path / "r.png"), "-m", str(model)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert {"truncate": "truncated", "flip": "corrupt", "other-model": "not by this model"}[damage] in err
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_init_from_checks_the_architecture(trained_run, shard_dir, eval_dir, tmp_path):
+    _, final = trained_run
+    cfg = tiny_stage1(tmp_path, shard_dir, eval_dir, f"init_from={final}", "codec.M=64")
+    with pytest.raises(ValueError, match="holds codec"):
+        stage1.run(cfg)
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["weights"]["codec.safetensors"] == read_manifest(final).weights["codec.safetensors"]
