@@ -29,8 +29,10 @@ def add_config_command(sub, name: str, schema, help_text: str, presets: tuple[Pa
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from stages.pipeline import PipelineConfig
     from stages.quickstart import PRESET, QuickstartConfig
     from stages.stage1 import Stage1Config
+    from stages.sweep import SweepConfig
 
     parser = argparse.ArgumentParser(prog="train.py", description="Learned image compression with diffusion priors.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_command(sub, "quickstart", QuickstartConfig,
                        "build shards from bundled photos, train a small codec on CPU, print real-bitstream results",
                        presets=(PRESET,))
+    pipeline = add_config_command(sub, "pipeline", PipelineConfig,
+                                  "run declared stages in order over manifests: skip finished, resume interrupted")
+    pipeline.add_argument("--from-stage", help="start here (earlier stages must be finished)")
+    pipeline.add_argument("--until-stage", help="stop after this stage")
+    pipeline.add_argument("--force", action="append", default=[], metavar="STAGE",
+                          help="delete this stage's folder and run it again (repeatable)")
+    sweep = add_config_command(sub, "sweep", SweepConfig,
+                               "a grid of pipeline runs (λ first of all), here or as a SLURM job array")
+    sweep.add_argument("--aggregate", action="store_true", help="only collect finished points into rd.json/rd.png")
 
     shards = sub.add_parser("shards", help="write WebDataset shards from an image folder")
     shards.add_argument("src_dir")
@@ -91,6 +102,14 @@ def run_command(args) -> None:
             from stages import quickstart
 
             quickstart.run(cfg)
+        elif args.command == "pipeline":
+            from stages import pipeline
+
+            pipeline.run(cfg, args.from_stage, args.until_stage, tuple(args.force))
+        elif args.command == "sweep":
+            from stages import sweep
+
+            (sweep.aggregate if args.aggregate else sweep.run)(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,10 +7,10 @@ import ast
 import dataclasses
 import inspect
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Optional, Sequence, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
@@ -20,6 +20,11 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration problem; its message is one line that names the offending key."""
+
+
+# Trainer settings that change how a stage runs, not what it computes: a finished stage is not
+# out of date because it would now run on more devices or without a progress bar.
+LAUNCH_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "progress_bar", "log_every")
 
 
 @dataclass
@@ -53,6 +58,25 @@ class TrainerConfig:
         for name in ("max_steps", "val_every", "checkpoint_every", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"trainer.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class StageConfig:
+    """Where a stage runs and what it starts from; every stage's schema extends it."""
+
+    run: str = "default"
+    """Run name: outputs go to <output_root>/<run>/<name>/."""
+    output_root: str = "checkpoints"
+    """Folder holding every run."""
+    name: str = "stage"
+    """This stage's folder inside the run (a pipeline names each of its stages)."""
+    init_from: Optional[str] = None
+    """A previous stage's final/ to start from (weights only; resume uses this stage's own last.ckpt)."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    @property
+    def stage_dir(self) -> Path:
+        return Path(self.output_root) / self.run / self.name
 
 
 def load_config(schema: type[T], yaml_files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> T:

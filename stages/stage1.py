@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import lightning as L
 
@@ -11,7 +10,7 @@ from datamodules.codec_data import CodecDataModule, ImageDataConfig
 from pl_modules.codec_module import CodecModule
 from pl_modules.codecs import ARCHITECTURES, build_codec, load_codec_weights, save_codec
 from pl_modules.schedules import SCHEDULES
-from stages.config import ConfigError, TrainerConfig, to_dict, to_yaml
+from stages.config import ConfigError, StageConfig, to_dict, to_yaml
 from stages.manifest import Manifest, manifest_path, read_manifest, write_final
 from stages.provenance import git_commit, write_provenance
 from stages.trainer import build_trainer, last_checkpoint
@@ -48,21 +47,16 @@ class OptimConfig:
 
 
 @dataclass
-class Stage1Config:
-    run: str = "default"
-    """Run name: outputs go to <output_root>/<run>/stage1/."""
-    output_root: str = "checkpoints"
-    """Folder holding every run."""
+class Stage1Config(StageConfig):
+    name: str = STAGE
+    """This stage's folder inside the run (a pipeline names each of its stages)."""
     lmbda: float = 0.0067
     """Rate–distortion trade-off λ (CompressAI's convention: it weighs the distortion)."""
     distortion: str = "mse"
     """Distortion: mse (λ·255²·MSE + bpp) or ms-ssim (λ·(1 − MS-SSIM) + bpp; crops ≥ 192)."""
-    init_from: Optional[str] = None
-    """A stage-1 final/ to start from (weights only, e.g. to fine-tune at another λ)."""
     codec: CodecConfig = field(default_factory=CodecConfig)
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def __post_init__(self) -> None:
         if self.distortion not in ("mse", "ms-ssim"):
@@ -78,10 +72,6 @@ class Stage1Config:
                               f"the auxiliary optimizer), got '{self.trainer.precision}'")
         if self.lmbda <= 0:
             raise ConfigError(f"lmbda must be positive, got {self.lmbda}")
-
-    @property
-    def stage_dir(self) -> Path:
-        return Path(self.output_root) / self.run / STAGE
 
 
 def run(cfg: Stage1Config) -> Path:

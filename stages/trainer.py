@@ -38,7 +38,7 @@ def build_trainer(cfg: TrainerConfig, stage_dir: str | Path, limit_val_batches: 
         check_val_every_n_epoch=None,
         limit_val_batches=limit_val_batches,
         num_sanity_val_steps=0,
-        log_every_n_steps=1,  # modules call self.log only every cfg.log_every steps themselves
+        log_every_n_steps=cfg.log_every,
         accelerator=cfg.accelerator,
         devices=_devices(cfg.devices),
         num_nodes=cfg.num_nodes,

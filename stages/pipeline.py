@@ -1,0 +1,142 @@
+"""``train.py pipeline``: stages in order over manifests; finished stages are skipped, interrupted
+ones resume from their own last.ckpt, and every stage's config is validated before any runs."""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+
+from stages.config import LAUNCH_KEYS, ConfigError, load_config
+from stages.manifest import ManifestError, read_manifest
+from stages.registry import STAGE_KINDS
+from stages.trainer import last_checkpoint
+
+PLACEMENT_KEYS = ("run", "output_root", "name", "init_from")
+
+
+@dataclass
+class PipelineStage:
+    name: str = "???"
+    """The stage's folder in the run, and how later stages refer to it."""
+    kind: str = "???"
+    """Stage kind (see stages/registry.py): stage1."""
+    config: list[str] = field(default_factory=list)
+    """YAML presets of the stage's schema, merged in order."""
+    overrides: list[str] = field(default_factory=list)
+    """key=value overrides of the stage's schema."""
+    init_from: Optional[str] = None
+    """An earlier stage of this pipeline, by name, or a final/ folder."""
+
+
+@dataclass
+class PipelineConfig:
+    run: str = "default"
+    """Run name: stages go to <output_root>/<run>/<stage name>/."""
+    output_root: str = "checkpoints"
+    """Folder holding every run."""
+    overrides: list[str] = field(default_factory=list)
+    """key=value overrides applied to every stage first (launch settings: trainer.devices=8, ...)."""
+    stages: list[PipelineStage] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ConfigError("a pipeline needs at least one entry in stages")
+        names = [s.name for s in self.stages]
+        for index, entry in enumerate(self.stages):
+            if entry.kind not in STAGE_KINDS:
+                raise ConfigError(f"stages.{index}.kind '{entry.kind}' is not one of {sorted(STAGE_KINDS)}")
+            if names.count(entry.name) > 1:
+                raise ConfigError(f"stages.{index}.name '{entry.name}' is used twice")
+            if entry.init_from in names and names.index(entry.init_from) >= index:
+                raise ConfigError(f"stages.{index}.init_from '{entry.init_from}' is not an earlier stage")
+
+
+@dataclass
+class PlannedStage:
+    entry: PipelineStage
+    cfg: Any
+    parent: Optional[Path]
+
+
+def plan(pipeline: PipelineConfig) -> list[PlannedStage]:
+    """Every stage's typed config, resolved and validated before anything runs."""
+    planned, finals = [], {}
+    for entry in pipeline.stages:
+        kind = STAGE_KINDS[entry.kind]
+        parent = finals.get(entry.init_from) or (Path(entry.init_from) if entry.init_from else None)
+        placement = [f"run={pipeline.run}", f"output_root={pipeline.output_root}", f"name={entry.name}"]
+        if parent:
+            placement.append(f"init_from={parent}")
+        try:
+            cfg = load_config(kind.schema, entry.config, [*pipeline.overrides, *entry.overrides, *placement])
+        except ConfigError as err:
+            raise ConfigError(f"stage '{entry.name}': {err}") from None
+        finals[entry.name] = cfg.stage_dir / "final"
+        planned.append(PlannedStage(entry, cfg, parent))
+    return planned
+
+
+def finished(stage: PlannedStage) -> bool:
+    """A stage is finished when its final/ is intact, was made from this very config, and from the
+    parent that exists now; a final/ from another config is an error, not something to overwrite."""
+    final = stage.cfg.stage_dir / "final"
+    if not final.exists():
+        return False
+    try:
+        manifest = read_manifest(final, expect_stage=STAGE_KINDS[stage.entry.kind].manifest_stage)
+    except ManifestError:
+        return False
+    if _computation(OmegaConf.load(final / "config.yaml")) != _computation(OmegaConf.structured(stage.cfg)):
+        raise ConfigError(f"stage '{stage.entry.name}' finished with another config ({final}/config.yaml); "
+                          f"pass --force {stage.entry.name} or use a new run name")
+    if stage.parent is not None and read_manifest(stage.parent, verify=False).weights != manifest.parent_weights:
+        return False
+    return True
+
+
+def _computation(cfg) -> dict:
+    """The config less where the stage lives and how it is launched: what it computes. (The parent
+    is compared by its weights' hashes, not by its path.)"""
+    plain = OmegaConf.to_container(cfg)
+    for key in PLACEMENT_KEYS:
+        plain.pop(key, None)
+    for key in LAUNCH_KEYS:
+        plain.get("trainer", {}).pop(key, None)
+    return plain
+
+
+def run(pipeline: PipelineConfig, from_stage: str | None = None, until_stage: str | None = None,
+        force: tuple[str, ...] = ()) -> list[Path]:
+    stages = plan(pipeline)
+    names = [s.entry.name for s in stages]
+    for name in (from_stage, until_stage, *force):
+        if name is not None and name not in names:
+            raise ConfigError(f"no stage named '{name}' in this pipeline (stages: {', '.join(names)})")
+    first = names.index(from_stage) if from_stage else 0
+    last = names.index(until_stage) if until_stage else len(names) - 1
+    finals, ran = [], 0
+    for index, stage in enumerate(stages):
+        label = f"[{index + 1}/{len(stages)}] {stage.entry.name} ({stage.entry.kind})"
+        final = stage.cfg.stage_dir / "final"
+        if stage.entry.name in force and index <= last and stage.cfg.stage_dir.exists():
+            print(f"{label}: --force: removing {stage.cfg.stage_dir}")
+            shutil.rmtree(stage.cfg.stage_dir)
+        if index > last:
+            break
+        done = finished(stage)
+        if index < first and not done:
+            raise ConfigError(f"{label} is not finished, and --from-stage {from_stage} skips it")
+        if done:
+            print(f"{label}: finished, skipped ({final})")
+            finals.append(final)
+            continue
+        resume = last_checkpoint(stage.cfg.stage_dir)
+        print(f"{label}: " + (f"resuming from {resume}" if resume else "starting"), flush=True)
+        finals.append(STAGE_KINDS[stage.entry.kind].run(stage.cfg))
+        ran += 1
+    if ran == 0:
+        print(f"pipeline '{pipeline.run}': every selected stage is finished; nothing to do")
+    return finals

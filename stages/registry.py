@@ -1,0 +1,28 @@
+"""Stage kinds a pipeline YAML can name: each is a config schema and the function that runs it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from stages import stage1
+
+
+@dataclass(frozen=True)
+class StageKind:
+    schema: type
+    run: Callable[..., Path]
+    manifest_stage: str
+    """The ``stage`` its manifests carry, which init_from and skip checks expect."""
+
+
+STAGE_KINDS: dict[str, StageKind] = {}
+
+
+def register_stage(name: str, kind: StageKind) -> None:
+    if name in STAGE_KINDS:
+        raise KeyError(f"stage kind '{name}' is already registered")
+    STAGE_KINDS[name] = kind
+
+
+register_stage("stage1", StageKind(stage1.Stage1Config, stage1.run, stage1.STAGE))

@@ -1,0 +1,167 @@
+"""``train.py sweep``: a grid over any stage keys (λ first of all), one pipeline run per point, run
+here one after another or as a SLURM job array; then one RD JSON and plot over the finished points."""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evaluation.rd import plot_rd, rd_results
+from stages import pipeline
+from stages.config import ConfigError, load_config, to_yaml
+from stages.files import atomic_write_text
+from stages.manifest import ManifestError, read_manifest
+from stages.pipeline import PipelineConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class SlurmConfig:
+    nodes: int = 1
+    """Nodes per array task (each point is a full multi-node job)."""
+    gpus_per_node: int = 1
+    """GPUs per node; one task per GPU, as Lightning expects under SLURM."""
+    cpus_per_task: int = 8
+    """CPU cores per task, for the data loader workers."""
+    time: str = "24:00:00"
+    """Wall-clock limit per array task; Lightning requeues a preempted or timed-out task itself."""
+    partition: str = ""
+    """SLURM partition (empty: the cluster's default)."""
+    account: str = ""
+    """SLURM account (empty: none)."""
+    extra: list[str] = field(default_factory=list)
+    """More #SBATCH lines, e.g. '--constraint=h100'."""
+
+
+@dataclass
+class SweepConfig:
+    name: str = "???"
+    """Sweep name: runs go to <output_root>/<name>/<point>/."""
+    pipeline: str = "???"
+    """The pipeline YAML every point runs."""
+    output_root: str = "checkpoints/sweeps"
+    """Folder holding every sweep."""
+    overrides: list[str] = field(default_factory=list)
+    """key=value overrides of the pipeline config, for every point."""
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    """'<stage name>.<key>' → values; the sweep runs every combination (e.g. codec.lmbda: [0.0035, 0.013])."""
+    rd_stage: str = ""
+    """Stage whose manifest metrics make the RD points (empty: the pipeline's last stage)."""
+    launcher: str = "local"
+    """local: run the points here, one after another; slurm: write (and with submit=true, submit) a job array."""
+    submit: bool = False
+    """With launcher=slurm, call sbatch on the written script."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def __post_init__(self) -> None:
+        if self.launcher not in ("local", "slurm"):
+            raise ConfigError(f"launcher must be local or slurm, got '{self.launcher}'")
+        for key, values in self.grid.items():
+            if "." not in key:
+                raise ConfigError(f"grid key '{key}' must be '<stage name>.<config key>'")
+            if not values:
+                raise ConfigError(f"grid key '{key}' has no values")
+
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.output_root) / self.name
+
+
+def points(sweep: SweepConfig) -> list[dict[str, Any]]:
+    keys = list(sweep.grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(sweep.grid[k] for k in keys))]
+
+
+def point_name(point: dict[str, Any]) -> str:
+    """Readable values plus a short hash of the whole point (values alone can collide once cleaned)."""
+    readable = ",".join(f"{key.split('.')[-1]}={value}" for key, value in point.items())
+    digest = hashlib.sha256(json.dumps(point, sort_keys=True).encode()).hexdigest()[:6]
+    return f"{readable.replace('/', '_')}-{digest}"
+
+
+def point_pipeline(sweep: SweepConfig, point: dict[str, Any]) -> PipelineConfig:
+    base = load_config(PipelineConfig, [sweep.pipeline], [*sweep.overrides, f"output_root={sweep.sweep_dir.resolve()}",
+                                                         f"run={point_name(point)}"])
+    by_name = {entry.name: entry for entry in base.stages}
+    for key, value in point.items():
+        stage, dotted = key.split(".", 1)
+        if stage not in by_name:
+            raise ConfigError(f"grid key '{key}': no stage named '{stage}' (stages: {', '.join(by_name)})")
+        by_name[stage].overrides.append(f"{dotted}={value}")
+    pipeline.plan(base)  # every point's every stage must validate before the first one trains
+    return base
+
+
+def run(sweep: SweepConfig) -> None:
+    configs = [point_pipeline(sweep, p) for p in points(sweep)]
+    if sweep.launcher == "slurm":
+        slurm = sweep.slurm
+        for cfg in configs:
+            cfg.overrides += [f"trainer.num_nodes={slurm.nodes}", f"trainer.devices={slurm.gpus_per_node}",
+                              "trainer.strategy=ddp", "trainer.progress_bar=false"]
+    points_dir = sweep.sweep_dir / "points"
+    for index, cfg in enumerate(configs):
+        atomic_write_text(points_dir / f"{index:03d}.yaml", to_yaml(cfg))
+    if sweep.launcher == "slurm":
+        script = write_sbatch(sweep, len(configs))
+        print(f"wrote {script} for {len(configs)} points")
+        if sweep.submit:
+            import subprocess
+
+            subprocess.run(["sbatch", str(script)], check=True)
+        else:
+            print(f"submit with: sbatch {script}")
+        return
+    for index, cfg in enumerate(configs):
+        print(f"=== sweep {sweep.name}: point {index + 1}/{len(configs)}: {cfg.run}", flush=True)
+        pipeline.run(cfg)
+    aggregate(sweep)
+
+
+def write_sbatch(sweep: SweepConfig, count: int) -> Path:
+    slurm, sweep_dir = sweep.slurm, sweep.sweep_dir.resolve()
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={sweep.name}", f"#SBATCH --array=0-{count - 1}",
+             f"#SBATCH --nodes={slurm.nodes}", f"#SBATCH --ntasks-per-node={slurm.gpus_per_node}",
+             f"#SBATCH --gpus-per-node={slurm.gpus_per_node}", f"#SBATCH --cpus-per-task={slurm.cpus_per_task}",
+             f"#SBATCH --time={slurm.time}", "#SBATCH --signal=SIGUSR1@90", "#SBATCH --requeue",
+             f"#SBATCH --output={sweep_dir}/logs/%A_%a.out"]
+    lines += [f"#SBATCH --partition={slurm.partition}"] if slurm.partition else []
+    lines += [f"#SBATCH --account={slurm.account}"] if slurm.account else []
+    lines += [f"#SBATCH {line}" for line in slurm.extra]
+    lines += ["", "# Each array task is one point: a full (multi-node) pipeline run that resumes where it stopped.",
+              f'point=$(printf "%03d" "$SLURM_ARRAY_TASK_ID")',
+              f"srun {shlex.quote(sys.executable)} {REPO_ROOT / 'train.py'} pipeline "
+              f'-c "{sweep_dir}/points/$point.yaml"', ""]
+    (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
+    script = sweep_dir / "sweep.sbatch"
+    atomic_write_text(script, "\n".join(lines))
+    return script
+
+
+def aggregate(sweep: SweepConfig) -> Path:
+    """RD JSON (CompressAI's results format) and plot over the points whose RD stage has finished."""
+    manifests, missing = [], []
+    for point in points(sweep):
+        cfg = point_pipeline(sweep, point)
+        stage = sweep.rd_stage or cfg.stages[-1].name
+        final = Path(cfg.output_root) / cfg.run / stage / "final"
+        try:
+            manifests.append((point, read_manifest(final, verify=False)))
+        except ManifestError:
+            missing.append(cfg.run)
+    if not manifests:
+        raise ConfigError(f"no finished point in sweep {sweep.name} yet")
+    results = rd_results(sweep.name, f"sweep over {', '.join(sweep.grid)}", manifests)
+    out = sweep.sweep_dir / "rd.json"
+    atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+    plot_rd([results], sweep.sweep_dir / "rd.png")
+    print(f"RD points: {len(manifests)} ({out}, {sweep.sweep_dir / 'rd.png'})")
+    if missing:
+        print(f"not finished yet: {', '.join(missing)}")
+    return out
