@@ -127,7 +127,8 @@ class DecodedCache:
 
 
 class CropStream(IterableDataset):
-    """Batches of random crops (``{"image": B×3×S×S, "skipped": int}``); use with ``batch_size=None``."""
+    """Batches of random crops (``{"image": B×3×S×S, "keys": [sample keys], "skipped": int}``);
+    use with ``batch_size=None``."""
 
     def __init__(self, shards: list[tuple[str, int]], crop: int, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, start_batch: int = 0, cache_mb: int = 0):
@@ -148,11 +149,12 @@ class CropStream(IterableDataset):
             yield self._collate(window, position.stream, batch_index, cache)
 
     def _collate(self, window: list[dict], stream: int, batch_index: int, cache: DecodedCache) -> dict:
-        crops, skipped = [], 0
+        crops, keys, skipped = [], [], 0
         for offset, sample in enumerate(window):
             rng = np.random.default_rng([self.seed, stream, batch_index * self.batch_size + offset])
             try:
                 crops.append(random_crop(cache.get(sample), self.crop, rng))
+                keys.append(sample["__key__"])
             except Exception as err:  # noqa: BLE001 - counted and logged as train/skipped_samples
                 log.warning("skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), err)
                 skipped += 1
@@ -160,4 +162,4 @@ class CropStream(IterableDataset):
             raise RuntimeError(f"every sample of batch {batch_index} failed to decode (shard "
                                f"{window[0].get('__url__') if window else '?'} looks corrupt)")
         images = torch.from_numpy(np.ascontiguousarray(np.stack(crops))).permute(0, 3, 1, 2).float().div(255)
-        return {"image": images, "skipped": skipped}
+        return {"image": images, "keys": keys, "skipped": skipped}

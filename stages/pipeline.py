@@ -2,6 +2,7 @@
 ones resume from their own last.ckpt, and every stage's config is validated before any runs."""
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,11 +11,13 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 from stages.config import LAUNCH_KEYS, ConfigError, load_config
+from stages.files import atomic_write_text
 from stages.manifest import ManifestError, read_manifest
 from stages.registry import STAGE_KINDS
 from stages.trainer import last_checkpoint
 
 PLACEMENT_KEYS = ("run", "output_root", "name", "init_from")
+PARENT_RECORD = "parent.json"
 
 
 @dataclass
@@ -97,6 +100,19 @@ def finished(stage: PlannedStage) -> bool:
     return True
 
 
+def restart_if_parent_changed(stage: PlannedStage, label: str) -> None:
+    """A stage started from other parent weights than those there now is stale as a whole: its
+    checkpoint and final/ go, and it starts over. ``parent.json`` records what it started from."""
+    if stage.parent is None:
+        return
+    record = stage.cfg.stage_dir / PARENT_RECORD
+    current = read_manifest(stage.parent, verify=False).weights
+    if record.is_file() and json.loads(record.read_text()) != current:
+        print(f"{label}: its parent {stage.parent} changed since it started: starting over")
+        shutil.rmtree(stage.cfg.stage_dir)
+    atomic_write_text(record, json.dumps(current, indent=1, sort_keys=True) + "\n")
+
+
 def _computation(cfg) -> dict:
     """The config less where the stage lives and how it is launched: what it computes. (The parent
     is compared by its weights' hashes, not by its path.)"""
@@ -133,6 +149,7 @@ def run(pipeline: PipelineConfig, from_stage: str | None = None, until_stage: st
             print(f"{label}: finished, skipped ({final})")
             finals.append(final)
             continue
+        restart_if_parent_changed(stage, label)
         resume = last_checkpoint(stage.cfg.stage_dir)
         print(f"{label}: " + (f"resuming from {resume}" if resume else "starting"), flush=True)
         finals.append(STAGE_KINDS[stage.entry.kind].run(stage.cfg))

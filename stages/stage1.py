@@ -80,9 +80,9 @@ def run(cfg: Stage1Config) -> Path:
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     module = CodecModule(cfg)
     resume = last_checkpoint(stage_dir)
-    parent = None
-    if cfg.init_from and resume is None:
-        parent = load_into(module.codec, cfg.codec, cfg.init_from)
+    parent = check_parent(cfg.codec, cfg.init_from) if cfg.init_from else None
+    if parent and resume is None:
+        load_codec_weights(module.codec, manifest_path(cfg.init_from).parent / WEIGHTS)
     trainer = build_trainer(cfg.trainer, stage_dir, limit_val_batches=cfg.data.val_max_images or 1.0)
     if trainer.is_global_zero:
         write_provenance(stage_dir, cfg)
@@ -103,12 +103,11 @@ def run(cfg: Stage1Config) -> Path:
     return final
 
 
-def load_into(codec, codec_cfg: CodecConfig, final_dir: str | Path) -> Manifest:
-    """Copy a stage-1 ``final/``'s weights into ``codec`` after checking it is the same architecture."""
+def check_parent(codec_cfg: CodecConfig, final_dir: str | Path) -> Manifest:
+    """The stage-1 manifest at ``final_dir``, after checking it holds this run's architecture."""
     manifest = read_manifest(final_dir, expect_stage=STAGE)
     if manifest.codec != to_dict(codec_cfg):
         raise ConfigError(f"init_from {final_dir} holds codec {manifest.codec}, this run builds {to_dict(codec_cfg)}")
-    load_codec_weights(codec, manifest_path(final_dir).parent / WEIGHTS)
     return manifest
 
 

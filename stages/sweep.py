@@ -48,7 +48,9 @@ class SweepConfig:
     output_root: str = "checkpoints/sweeps"
     """Folder holding every sweep."""
     overrides: list[str] = field(default_factory=list)
-    """key=value overrides of the pipeline config, for every point."""
+    """key=value overrides of the pipeline config (run-level keys), for every point."""
+    stage_overrides: list[str] = field(default_factory=list)
+    """key=value overrides of every stage of every point (data paths, launch settings)."""
     grid: dict[str, list[Any]] = field(default_factory=dict)
     """'<stage name>.<key>' → values; the sweep runs every combination (e.g. codec.lmbda: [0.0035, 0.013])."""
     rd_stage: str = ""
@@ -88,6 +90,7 @@ def point_name(point: dict[str, Any]) -> str:
 def point_pipeline(sweep: SweepConfig, point: dict[str, Any]) -> PipelineConfig:
     base = load_config(PipelineConfig, [sweep.pipeline], [*sweep.overrides, f"output_root={sweep.sweep_dir.resolve()}",
                                                          f"run={point_name(point)}"])
+    base.overrides += sweep.stage_overrides
     by_name = {entry.name: entry for entry in base.stages}
     for key, value in point.items():
         stage, dotted = key.split(".", 1)

@@ -51,14 +51,17 @@ def shard_dir(tmp_path_factory, photo_dir) -> Path:
     return out
 
 
-def tiny_stage1(out_root: Path, shard_dir: Path, eval_dir: Path, *overrides: str) -> Stage1Config:
+def tiny_overrides(shard_dir: Path, eval_dir: Path) -> list[str]:
     """The real stage-1 schema, shrunk: a small hyperprior on 64-px crops, two validation images."""
-    return load_config(Stage1Config, overrides=[
-        f"output_root={out_root}", f"data.train_shards={shard_dir}", f"data.val_dir={eval_dir}",
-        "codec.N=32", "codec.M=48", "data.crop=64", "data.batch_size=4", "data.num_workers=0",
-        "optim.lr=1e-3", "trainer.max_steps=40", "trainer.val_every=40", "trainer.checkpoint_every=10",
-        "trainer.log_every=5", "trainer.progress_bar=false", "trainer.accelerator=cpu", "trainer.devices=1",
-        *overrides])
+    return [f"data.train_shards={shard_dir}", f"data.val_dir={eval_dir}", "codec.N=32", "codec.M=48",
+            "data.crop=64", "data.batch_size=4", "data.num_workers=0", "optim.lr=1e-3", "trainer.max_steps=40",
+            "trainer.val_every=40", "trainer.checkpoint_every=10", "trainer.log_every=5",
+            "trainer.progress_bar=false", "trainer.accelerator=cpu", "trainer.devices=1"]
+
+
+def tiny_stage1(out_root: Path, shard_dir: Path, eval_dir: Path, *overrides: str) -> Stage1Config:
+    return load_config(Stage1Config, overrides=[f"output_root={out_root}", *tiny_overrides(shard_dir, eval_dir),
+                                                *overrides])
 
 
 @pytest.fixture(scope="session")
