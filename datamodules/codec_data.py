@@ -38,12 +38,13 @@ class ImageDataConfig:
 class ImageFolder(Dataset):
     """Full images at their own size (batch size 1): validation codes what a user would code."""
 
-    def __init__(self, folder: str | Path, max_images: int = 0):
-        self.paths = list_images(folder)
+    def __init__(self, folder: str | Path, max_images: int = 0, rank: int = 0, world_size: int = 1):
+        paths = list_images(folder)
         if max_images:
-            self.paths = self.paths[:max_images]
-        if not self.paths:
+            paths = paths[:max_images]
+        if not paths:
             raise ValueError(f"no images in validation folder {folder}")
+        self.paths = paths[rank::world_size]  # disjoint, unpadded: each image is counted once
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -67,7 +68,9 @@ class CodecDataModule(L.LightningDataModule):
                           persistent_workers=False, pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(ImageFolder(self.cfg.val_dir, self.cfg.val_max_images), batch_size=1,
+        folder = ImageFolder(self.cfg.val_dir, self.cfg.val_max_images, self.trainer.global_rank,
+                             self.trainer.world_size)
+        return DataLoader(folder, batch_size=1,
                           num_workers=min(self.cfg.num_workers, 2), collate_fn=_single)
 
 

@@ -9,6 +9,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from pl_modules.bitstream import decode_image, encode_image, pad_to_multiple
 from pl_modules.codecs import build_codec, split_parameters
+from pl_modules.image_means import ImageMeans
 from pl_modules.losses import MS_SSIM_MIN_SIDE, RD_LOSSES, bits_per_pixel, psnr
 from pl_modules.schedules import lr_factor, step_seed
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as ms_ssim
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 # Validation bitstreams are decoded by the same model that wrote them; no file identity is needed.
 _IN_MEMORY_SHA = "00" * 32
 LOGGED_IMAGES = 2
+VAL_METRICS = ("val/bpp", "val/bpp_estimated", "val/psnr", "val/ms_ssim", "val/loss")
 
 
 class CodecModule(L.LightningModule):
@@ -34,6 +36,7 @@ class CodecModule(L.LightningModule):
         self.rd_loss = RD_LOSSES[cfg.distortion]
         self.skipped_samples = 0
         self.validated_at_step = -1
+        self.val_means = ImageMeans(VAL_METRICS)
 
     def configure_optimizers(self):
         net, aux = split_parameters(self.codec)
@@ -87,6 +90,7 @@ class CodecModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.codec.update(force=True)
+        self.val_means.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x = batch["image"]
@@ -100,11 +104,13 @@ class CodecModule(L.LightningModule):
         if self.cfg.distortion == "mse" or "val/ms_ssim" in metrics:
             # The objective at the real operating point: real bytes, decoded 8-bit pixels.
             metrics["val/loss"] = self.rd_loss(decoded, x, torch.tensor(metrics["val/bpp"]), self.cfg.lmbda)["loss"].item()
-        self.log_dict(metrics, batch_size=1, sync_dist=True)
+        self.val_means.add(metrics)
         if batch_idx < LOGGED_IMAGES and self.global_rank == 0:
             self._log_image(f"val/reconstruction_{batch_idx}", decoded)
 
     def on_validation_epoch_end(self) -> None:
+        # Already reduced over ranks: every rank logs the same global means.
+        self.log_dict(self.val_means.means(self.trainer.strategy), sync_dist=False)
         self.validated_at_step = self.global_step
 
     def _log_image(self, tag: str, image: torch.Tensor) -> None:

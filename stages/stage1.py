@@ -83,7 +83,7 @@ def run(cfg: Stage1Config) -> Path:
     parent = check_parent(cfg.codec, cfg.init_from) if cfg.init_from else None
     if parent and resume is None:
         load_codec_weights(module.codec, manifest_path(cfg.init_from).parent / WEIGHTS)
-    trainer = build_trainer(cfg.trainer, stage_dir, limit_val_batches=cfg.data.val_max_images or 1.0)
+    trainer = build_trainer(cfg.trainer, stage_dir)
     if trainer.is_global_zero:
         write_provenance(stage_dir, cfg)
     datamodule = CodecDataModule(cfg.data, cfg.trainer.seed)

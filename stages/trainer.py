@@ -25,7 +25,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write_bytes(path, buffer.getvalue())
 
 
-def build_trainer(cfg: TrainerConfig, stage_dir: str | Path, limit_val_batches: int | float = 1.0) -> L.Trainer:
+def build_trainer(cfg: TrainerConfig, stage_dir: str | Path) -> L.Trainer:
     stage_dir = Path(stage_dir)
     checkpoint = ModelCheckpoint(dirpath=stage_dir, filename="step-{step}", save_top_k=0, save_last=True,
                                  every_n_train_steps=cfg.checkpoint_every, save_on_train_epoch_end=False)
@@ -36,7 +36,7 @@ def build_trainer(cfg: TrainerConfig, stage_dir: str | Path, limit_val_batches: 
         max_epochs=-1,
         val_check_interval=cfg.val_every,
         check_val_every_n_epoch=None,
-        limit_val_batches=limit_val_batches,
+        use_distributed_sampler=False,  # data modules split data between ranks themselves
         num_sanity_val_steps=0,
         log_every_n_steps=cfg.log_every,
         accelerator=cfg.accelerator,
