@@ -3,6 +3,7 @@ ones resume from their own last.ckpt, and every stage's config is validated befo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,9 +109,27 @@ def restart_if_parent_changed(stage: PlannedStage, label: str) -> None:
     record = stage.cfg.stage_dir / PARENT_RECORD
     current = read_manifest(stage.parent, verify=False).weights
     if record.is_file() and json.loads(record.read_text()) != current:
-        print(f"{label}: its parent {stage.parent} changed since it started: starting over")
-        shutil.rmtree(stage.cfg.stage_dir)
-    atomic_write_text(record, json.dumps(current, indent=1, sort_keys=True) + "\n")
+        remove_stage(stage.cfg.stage_dir, f"{label}: its parent {stage.parent} changed since it started")
+    if launch_rank_is_zero():
+        atomic_write_text(record, json.dumps(current, indent=1, sort_keys=True) + "\n")
+
+
+def launch_rank_is_zero() -> bool:
+    """Rank zero before any process group exists. Lightning's own DDP launcher re-runs this very
+    command in its child processes, which must not repeat what rank zero did to the file system."""
+    return all(int(os.environ.get(key, "0")) == 0 for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def remove_stage(stage_dir: Path, reason: str) -> None:
+    """Delete a stage folder to run the stage afresh, from rank zero only. Ranks started together
+    by torchrun or srun would race with the deletion, so there it is refused."""
+    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        raise ConfigError(f"{reason}: {stage_dir} must be removed first, which a multi-rank launch cannot do "
+                          f"safely; run the same pipeline command once in a single process with --until-stage, "
+                          f"or remove the folder by hand")
+    if launch_rank_is_zero():
+        print(f"{reason}: removing {stage_dir}")
+        shutil.rmtree(stage_dir)
 
 
 def _computation(cfg) -> dict:
@@ -138,8 +157,7 @@ def run(pipeline: PipelineConfig, from_stage: str | None = None, until_stage: st
         label = f"[{index + 1}/{len(stages)}] {stage.entry.name} ({stage.entry.kind})"
         final = stage.cfg.stage_dir / "final"
         if stage.entry.name in force and index <= last and stage.cfg.stage_dir.exists():
-            print(f"{label}: --force: removing {stage.cfg.stage_dir}")
-            shutil.rmtree(stage.cfg.stage_dir)
+            remove_stage(stage.cfg.stage_dir, f"{label}: --force")
         if index > last:
             break
         done = finished(stage)
