@@ -29,6 +29,8 @@ def add_config_command(sub, name: str, schema, help_text: str, presets: tuple[Pa
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from evaluation.evaluate import EvaluateConfig
+    from evaluation.judge import JudgeConfig
     from stages.pipeline import PipelineConfig
     from stages.quickstart import PRESET, QuickstartConfig
     from stages.stage1 import Stage1Config
@@ -49,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = add_config_command(sub, "sweep", SweepConfig,
                                "a grid of pipeline runs (λ first of all), here or as a SLURM job array")
     sweep.add_argument("--aggregate", action="store_true", help="only collect finished points into rd.json/rd.png")
+
+    add_config_command(sub, "evaluate", EvaluateConfig,
+                       "stage manifests and classical anchors on an image folder: RD JSONs, per-image CSV, plots")
+    add_config_command(sub, "evaluate-judge", JudgeConfig, "agreement of judges with people on 2AFC pairs (BAPPS)")
+    bd = sub.add_parser("bd-rate", help="BD-rate and BD-metric of RD JSONs against a reference")
+    bd.add_argument("reference", help="CompressAI-format results JSON of the reference (anchor)")
+    bd.add_argument("tests", nargs="+", help="results JSONs to compare with it")
+    bd.add_argument("--metric", action="append", help="psnr, ms-ssim-db, lpips, ... (default: psnr and ms-ssim-db)")
+    bd.add_argument("--method", choices=["cubic", "pchip"], default="cubic")
 
     shards = sub.add_parser("shards", help="write WebDataset shards from an image folder")
     shards.add_argument("src_dir")
@@ -93,6 +104,14 @@ def run_command(args) -> None:
         from stages.codec_io import decompress_file
 
         print(f"wrote {decompress_file(args.bitstream, args.output, args.model)}")
+    elif args.command == "bd-rate":
+        import json
+
+        from evaluation.rd import bd_table
+
+        load = lambda path: json.loads(Path(path).read_text())  # noqa: E731
+        print(bd_table(load(args.reference), [load(p) for p in args.tests], args.metric or ["psnr", "ms-ssim-db"],
+                       args.method))
     elif (cfg := resolve_config(args)) is not None:
         if args.command == "stage1":
             from stages import stage1
@@ -106,6 +125,14 @@ def run_command(args) -> None:
             from stages import pipeline
 
             pipeline.run(cfg, args.from_stage, args.until_stage, tuple(args.force))
+        elif args.command == "evaluate":
+            from evaluation import evaluate
+
+            evaluate.run(cfg)
+        elif args.command == "evaluate-judge":
+            from evaluation import judge
+
+            judge.run(cfg)
         elif args.command == "sweep":
             from stages import sweep
 

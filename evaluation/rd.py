@@ -1,6 +1,7 @@
 """Rate–distortion results in CompressAI's JSON format, and RD plots."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -40,3 +41,33 @@ def plot_rd(curves: list[dict], out: str | Path) -> Path:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return Path(out)
+
+
+def curve(results: dict, metric: str) -> tuple[list[float], list[float]]:
+    """(bpp, metric) of a CompressAI-format results dict; 'psnr' and 'psnr-rgb' are one metric, and
+    'ms-ssim-db' is MS-SSIM as −10·log10(1 − MS-SSIM), the scale BD figures for it use."""
+    values = results["results"]
+    if metric == "ms-ssim-db":
+        return values["bpp"], [-10 * math.log10(1 - v) for v in values["ms-ssim"]]
+    for key in ((metric, "psnr-rgb", "psnr") if metric in ("psnr", "psnr-rgb") else (metric,)):
+        if key in values:
+            return values["bpp"], values[key]
+    raise KeyError(f"{results.get('name', '?')} has no '{metric}' results")
+
+
+def bd_table(reference: dict, tests: list[dict], metrics: list[str], method: str = "cubic") -> str:
+    """BD-rate (%) and BD-metric of every test curve against the reference, one row per test."""
+    from evaluation.bd import bd_metric, bd_rate
+
+    header = f"{'vs ' + reference['name']:<32}" + "".join(f"{'BD-rate ' + m:>22}{'BD-' + m:>16}" for m in metrics)
+    lines = [header]
+    for test in tests:
+        cells = []
+        for metric in metrics:
+            try:
+                ref, other = curve(reference, metric), curve(test, metric)
+                cells.append(f"{bd_rate(*ref, *other, method):>21.2f}%{bd_metric(*ref, *other, method):>16.4f}")
+            except (KeyError, ValueError) as err:
+                cells.append(f"{'n/a (' + str(err)[:30] + ')':>38}")
+        lines.append(f"{test['name']:<32}" + "".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,168 @@
+"""``train.py evaluate``: learned codecs (stage manifests) and classical anchors on one image folder,
+every bpp from real bytes over the original pixel count. Writes one CompressAI-format JSON per
+method, one CSV of per-image rows, and RD plots of every metric."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from datamodules.images import list_images, load_rgb, to_tensor
+from evaluation import distribution, features
+from evaluation.classical import CODECS, code
+from evaluation.metrics import availability, measure
+from evaluation.rd import plot_rd
+from pl_modules.bitstream import decode_image, encode_image, pack, unpack
+
+# CompressAI's results keys for the metrics that have one.
+RESULT_KEYS = {"psnr": "psnr-rgb"}
+
+
+@dataclass
+class EvaluateConfig:
+    images: str = "???"
+    """Folder of evaluation images (e.g. ../shared/data/kodak)."""
+    models: list[str] = field(default_factory=list)
+    """Stage-1 final/ folders; together they form one curve (e.g. the finals of a λ sweep)."""
+    models_name: str = "ours"
+    """Name of the learned codecs' curve."""
+    classical: list[str] = field(default_factory=lambda: ["jpeg", "webp", "avif", "jpeg2000", "jpegxl", "hevc"])
+    """Classical anchors, each at its quality ladder; one unavailable here is skipped with the reason."""
+    metrics: list[str] = field(default_factory=lambda: ["psnr", "ms-ssim", "gmsd", "vif", "haarpsi", "lpips",
+                                                        "dists", "brisque"])
+    """Metrics per image; one whose weights are absent is reported unavailable and skipped."""
+    task_backbones: list[str] = field(default_factory=list)
+    """Machine-task fidelity backbones, 'torchvision:<name>' (weights from torch hub's cache)."""
+    clip_model: str = ""
+    """CLIP (hub id or local folder) for embedding similarity and CLIP-IQA; empty: none."""
+    fid_kid: bool = True
+    """FID and KID on 256-px patches (HiFiC/MS-ILLM protocol), when the Inception weights are cached."""
+    out_dir: str = "checkpoints/evaluation"
+    """Where the JSONs, the CSV and the plots go."""
+    workers: int = 2
+    """Processes coding the classical anchors in parallel."""
+    max_images: int = 0
+    """Evaluate the first this-many images only (0: all)."""
+
+
+def run(cfg: EvaluateConfig) -> dict[str, dict]:
+    unknown = [c for c in cfg.classical if c not in CODECS]
+    if unknown:
+        raise ValueError(f"unknown classical codecs {unknown}; choose from {sorted(CODECS)}")
+    images = list_images(cfg.images)[: cfg.max_images or None]
+    reasons = availability(cfg.metrics)
+    metrics = [m for m, why in reasons.items() if why is None]
+    unavailable = {m: why for m, why in reasons.items() if why}
+    feature_measures, feature_unavailable = features.build(cfg.task_backbones, cfg.clip_model)
+    unavailable.update(feature_unavailable)
+    for name, why in unavailable.items():
+        print(f"metric {name}: unavailable: {why}")
+    fid = cfg.fid_kid and distribution.unavailable() is None
+    if cfg.fid_kid and not fid:
+        unavailable["fid"] = unavailable["kid"] = distribution.unavailable()
+    _WORKER.update(features=feature_measures, fid=fid)
+    rows = learned_rows(cfg, images, metrics)
+    for codec in cfg.classical:
+        why = CODECS[codec].unavailable()
+        if why:
+            print(f"codec {codec}: unavailable: {why}")
+            unavailable[codec] = why
+    rows += classical_rows(cfg, images, metrics, [c for c in cfg.classical if c not in unavailable])
+    originals = {p.name: distribution.inception_features(to_tensor(load_rgb(p)).unsqueeze(0)) for p in images} if fid else {}
+    return write_outputs(Path(cfg.out_dir), rows, unavailable, originals)
+
+
+def measure_all(metrics: list[str], x_hat: torch.Tensor, x: torch.Tensor) -> dict:
+    """Per-image metrics, feature fidelity, and (kept out of the CSV) the patches' Inception features."""
+    values = measure(metrics, x_hat, x)
+    for feature_measure in _WORKER["features"]:
+        values.update(feature_measure(x_hat, x))
+    if _WORKER["fid"]:
+        values["_inception"] = distribution.inception_features(x_hat)
+    return values
+
+
+def learned_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]) -> list[dict]:
+    from stages.stage1 import load_final
+
+    rows = []
+    for model in cfg.models:
+        codec, manifest, sha = load_final(model)
+        for path in tqdm(images, desc=f"{cfg.models_name} λ={manifest.lmbda}", unit="img"):
+            x = to_tensor(load_rgb(path)).unsqueeze(0)
+            data = pack(encode_image(codec, x, sha))
+            decoded = decode_image(codec, unpack(data), sha)
+            rows.append({"method": cfg.models_name, "setting": manifest.lmbda, "image": path.name,
+                         "bpp": 8 * len(data) / (x.shape[-2] * x.shape[-1]),
+                         **measure_all(metrics, decoded, x)})
+    return rows
+
+
+def classical_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str], codecs: list[str]) -> list[dict]:
+    jobs = [(codec, setting, str(path), metrics) for codec in codecs for setting in CODECS[codec].ladder
+            for path in images]
+    if not jobs:
+        return []
+    with ProcessPoolExecutor(max_workers=max(1, cfg.workers), initializer=_init_worker,
+                             initargs=(cfg.task_backbones, cfg.clip_model, _WORKER["fid"])) as pool:
+        futures = [pool.submit(_classical_row, *job) for job in jobs]
+        return [f.result() for f in tqdm(as_completed(futures), total=len(futures), desc="classical", unit="file")]
+
+
+_WORKER: dict[str, list] = {}
+
+
+def _init_worker(task_backbones: list[str], clip_model: str, fid: bool) -> None:
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    _WORKER.update(features=features.build(task_backbones, clip_model)[0], fid=fid)
+
+
+def _classical_row(codec: str, setting: float, path: str, metrics: list[str]) -> dict:
+    image = load_rgb(Path(path))
+    data, decoded = code(image, codec, setting)
+    return {"method": codec, "setting": setting, "image": Path(path).name,
+            "bpp": 8 * len(data) / (image.shape[0] * image.shape[1]),
+            **measure_all(metrics, to_tensor(decoded).unsqueeze(0), to_tensor(image).unsqueeze(0))}
+
+
+def write_outputs(out_dir: Path, rows: list[dict], unavailable: dict[str, str],
+                  originals: dict[str, np.ndarray]) -> dict[str, dict]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = list(dict.fromkeys(k for row in rows for k in row
+                                 if k not in ("method", "setting", "image", "bpp") and not k.startswith("_")))
+    with open(out_dir / "per_image.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["method", "setting", "image", "bpp", *metrics], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(sorted(rows, key=lambda r: (r["method"], r["setting"], r["image"])))
+    curves = {}
+    by_method: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        by_method[row["method"]][row["setting"]].append(row)
+    for method, settings in by_method.items():
+        points = sorted((_point(group, metrics, originals) for group in settings.values()), key=lambda p: p["bpp"])
+        keys = ["bpp", *metrics, *(["fid", "kid"] if originals else [])]
+        results = {RESULT_KEYS.get(k, k): [p[k] for p in points] for k in keys}
+        curves[method] = {"name": method, "description": f"{len(next(iter(settings.values())))} images, bpp from "
+                          "file bytes", "results": results, "unavailable": unavailable}
+        (out_dir / f"{method}.json").write_text(json.dumps(curves[method], indent=2) + "\n")
+    if curves:
+        plot_rd(list(curves.values()), out_dir / "rd.png")
+    return curves
+
+
+def _point(group: list[dict], metrics: list[str], originals: dict[str, np.ndarray]) -> dict[str, float]:
+    """One RD point: per-image means, and FID/KID over the patches of all its images."""
+    point = {k: sum(r[k] for r in group) / len(group) for k in ["bpp", *metrics]}
+    if originals:
+        real = np.concatenate([originals[r["image"]] for r in group])
+        point.update(distribution.fid_kid(real, np.concatenate([r["_inception"] for r in group])))
+    return point

@@ -1,0 +1,38 @@
+"""Small random-initialised models built from config dicts and saved with ``save_pretrained``, so
+tests and CPU presets load them back through the very ``from_pretrained`` path real weights take.
+Their outputs mean nothing; they exist to exercise real code paths without downloads."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def save_tiny_clip(folder: str | Path, image_size: int = 32, seed: int = 0) -> Path:
+    """A CLIP with a 2-layer text and vision tower and a character-level BPE tokenizer."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _byte_symbols()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    specials = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                    pad_token_id=vocab["<|endoftext|>"])
+    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), max_position_embeddings=77, **specials, **tower),
+                        vision_config=dict(image_size=image_size, patch_size=8, **tower), projection_dim=16)
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable symbols byte-level BPE uses for the bytes 0–255 (GPT-2's mapping)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]

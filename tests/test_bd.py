@@ -1,0 +1,46 @@
+import math
+
+import numpy as np
+import pytest
+
+from evaluation.bd import bd_metric, bd_rate
+
+RATES = [0.1, 0.25, 0.5, 1.0, 1.6]
+PSNR = [26.0, 29.1, 31.8, 35.0, 37.2]
+
+
+@pytest.mark.parametrize("method", ["cubic", "pchip"])
+def test_identical_curves_differ_by_nothing(method):
+    assert bd_rate(RATES, PSNR, RATES, PSNR, method) == pytest.approx(0, abs=1e-9)
+    assert bd_metric(RATES, PSNR, RATES, PSNR, method) == pytest.approx(0, abs=1e-9)
+
+
+@pytest.mark.parametrize("method", ["cubic", "pchip"])
+@pytest.mark.parametrize("scale", [0.8, 1.25, 2.0])
+def test_scaling_every_rate_by_r_gives_r_minus_one(method, scale):
+    scaled = [r * scale for r in RATES]
+    assert bd_rate(RATES, PSNR, scaled, PSNR, method) == pytest.approx((scale - 1) * 100, rel=1e-9)
+
+
+@pytest.mark.parametrize("method", ["cubic", "pchip"])
+def test_a_constant_quality_offset_is_the_bd_metric(method):
+    assert bd_metric(RATES, PSNR, RATES, [p + 0.7 for p in PSNR], method) == pytest.approx(0.7, abs=1e-9)
+
+
+def test_bd_rate_of_a_straight_line_in_log_rate_is_known_in_closed_form():
+    # PSNR = 10·log10(rate) + 30 for the reference, + 31 for the test: 1 dB better everywhere,
+    # i.e. the same quality at 10^(-1/10) of the rate: −20.57 %.
+    rates = np.array(RATES)
+    ref, test = 10 * np.log10(rates) + 30, 10 * np.log10(rates) + 31
+    assert bd_rate(rates, ref, rates, test, "cubic") == pytest.approx((10 ** -0.1 - 1) * 100, abs=1e-6)
+    assert bd_metric(rates, ref, rates, test, "pchip") == pytest.approx(1.0, abs=1e-9)
+
+
+def test_errors_are_named():
+    with pytest.raises(ValueError, match="at least 4 points"):
+        bd_rate(RATES[:3], PSNR[:3], RATES[:3], PSNR[:3])
+    with pytest.raises(ValueError, match="do not overlap"):
+        bd_rate(RATES, PSNR, RATES, [p + 20 for p in PSNR])
+    with pytest.raises(ValueError, match="unknown BD method"):
+        bd_rate(RATES, PSNR, RATES, PSNR, "akima")
+    assert math.isfinite(bd_rate(RATES, PSNR, RATES[::-1], PSNR[::-1]))

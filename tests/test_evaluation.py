@@ -1,0 +1,129 @@
+"""Evaluation: classical anchors, metrics (and their absence), end-to-end evaluate, judge agreement."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.images import list_images, load_rgb, to_tensor
+from evaluation import evaluate, judge, metrics
+from evaluation.classical import CODECS, code, psnr_uint8
+from evaluation.evaluate import EvaluateConfig
+from evaluation.judge import JudgeConfig
+from stages.codec_io import compress_file
+from train import main
+
+
+@pytest.fixture(scope="module")
+def photo(eval_dir):
+    return load_rgb(list_images(eval_dir)[0])[:256, :256].copy()
+
+
+@pytest.mark.parametrize("codec", sorted(CODECS))
+def test_classical_bpp_and_quality_rise_along_the_ladder(codec, photo):
+    if CODECS[codec].unavailable():
+        pytest.skip(CODECS[codec].unavailable())
+    points = []
+    for setting in CODECS[codec].ladder:
+        data, decoded = code(photo, codec, setting)
+        assert decoded.shape == photo.shape
+        points.append((8 * len(data) / (256 * 256), psnr_uint8(decoded, photo)))
+    rates, quality = zip(*points)
+    assert all(a < b for a, b in zip(rates, rates[1:])), rates
+    assert quality[-1] > quality[0] + 5
+
+
+def test_metrics_without_their_weights_are_unavailable_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    reasons = metrics.availability(["psnr", "lpips", "dists"])
+    assert reasons["psnr"] is None
+    assert "lpips_weights.pt" in reasons["lpips"] and str(tmp_path) in reasons["lpips"]
+    assert "dists_weights.pt" in reasons["dists"]
+    with pytest.raises(ValueError, match="unknown metrics"):
+        metrics.availability(["psnr", "flip"])
+
+
+def test_offline_metrics_rank_a_mild_distortion_above_a_strong_one(photo):
+    x = to_tensor(photo).unsqueeze(0)
+    rng = torch.Generator().manual_seed(0)
+    mild = (x + 0.02 * torch.randn(x.shape, generator=rng)).clamp(0, 1)
+    strong = (x + 0.15 * torch.randn(x.shape, generator=rng)).clamp(0, 1)
+    names = ["psnr", "ms-ssim", "gmsd", "vif", "haarpsi", "brisque"]
+    a, b = metrics.measure(names, mild, x), metrics.measure(names, strong, x)
+    for name in names:
+        better = (a[name] < b[name]) if metrics.METRICS[name].lower_is_better else (a[name] > b[name])
+        assert better, (name, a[name], b[name])
+    assert metrics.measure(["psnr"], x, x)["psnr"] == float("inf")
+
+
+def test_evaluate_end_to_end_on_two_images_with_a_learned_codec_and_jpeg(trained_run, eval_dir, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty-hub"))
+    _, final = trained_run
+    cfg = EvaluateConfig(images=str(eval_dir), models=[str(final)], classical=["jpeg"],
+                         metrics=["psnr", "ms-ssim", "lpips"], out_dir=str(tmp_path / "out"), workers=2)
+    curves = evaluate.run(cfg)
+    ours = json.loads((tmp_path / "out" / "ours.json").read_text())
+    jpeg = json.loads((tmp_path / "out" / "jpeg.json").read_text())
+    assert ours == curves["ours"] and set(ours) >= {"name", "description", "results"}
+    assert set(ours["results"]) == {"bpp", "psnr-rgb", "ms-ssim"} and "needs weights" in ours["unavailable"]["lpips"]
+    assert len(jpeg["results"]["bpp"]) == len(CODECS["jpeg"].ladder) == len(jpeg["results"]["psnr-rgb"])
+    assert jpeg["results"]["bpp"] == sorted(jpeg["results"]["bpp"])
+    with open(tmp_path / "out" / "per_image.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 * (1 + len(CODECS["jpeg"].ladder))
+    # The learned codec's bpp is the size of the file `compress` writes, header included.
+    image = list_images(eval_dir)[0]
+    written = compress_file(image, final, tmp_path / "x.bin")
+    ours_row = next(r for r in rows if r["method"] == "ours" and r["image"] == image.name)
+    assert float(ours_row["bpp"]) == pytest.approx(written.bpp, rel=1e-12)
+    assert (tmp_path / "out" / "rd.png").stat().st_size > 10_000
+
+
+def test_bd_rate_command_prints_a_row_per_test_curve(tmp_path, capsys):
+    ref = {"name": "anchor", "results": {"bpp": [0.1, 0.2, 0.4, 0.8], "psnr": [27.0, 29.0, 31.0, 33.0]}}
+    test = {"name": "half-rate", "results": {"bpp": [0.05, 0.1, 0.2, 0.4], "psnr-rgb": [27.0, 29.0, 31.0, 33.0]}}
+    (tmp_path / "a.json").write_text(json.dumps(ref))
+    (tmp_path / "b.json").write_text(json.dumps(test))
+    assert main(["bd-rate", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--metric", "psnr"]) == 0
+    row = capsys.readouterr().out.splitlines()[1]
+    assert row.startswith("half-rate") and "-50.00%" in row
+
+
+def make_bapps(folder, photo_dir, flip=False, count=12):
+    """Pairs whose better side is known: p0 lightly, p1 heavily noised (or the reverse)."""
+    for side in ("ref", "p0", "p1", "judge"):
+        (folder / side).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index, path in enumerate(sorted(photo_dir.iterdir())[:count]):
+        ref = load_rgb(path)[:64, :64].astype(np.float64)
+        light, heavy = (np.clip(ref + rng.normal(0, s, ref.shape), 0, 255).astype(np.uint8) for s in (4, 30))
+        stem = f"{index:04d}"
+        Image.fromarray(ref.astype(np.uint8)).save(folder / "ref" / f"{stem}.png")
+        Image.fromarray(heavy if flip else light).save(folder / "p0" / f"{stem}.png")
+        Image.fromarray(light if flip else heavy).save(folder / "p1" / f"{stem}.png")
+        np.save(folder / "judge" / f"{stem}.npy", np.array([0.9 if flip else 0.1]))
+
+
+def test_judge_agreement_matches_hand_computed_2afc_scores(tmp_path, photo_dir):
+    make_bapps(tmp_path / "set", photo_dir)
+    results = judge.run(JudgeConfig(dataset=str(tmp_path / "set"), judges=["psnr", "gmsd", "lpips"], bootstrap=200))
+    # Every pair: judge prefers p0 (p=0), people prefer p1 with h=0.1, so the credit is 0.9.
+    assert results["psnr"]["agreement"] == pytest.approx(0.9)
+    assert results["gmsd"]["agreement"] == pytest.approx(0.9)
+    low, high = results["psnr"]["ci95"]
+    assert low <= 0.9 <= high
+    assert "unavailable" in results["lpips"] or "agreement" in results["lpips"]
+    make_bapps(tmp_path / "flipped", photo_dir, flip=True)
+    flipped = judge.run(JudgeConfig(dataset=str(tmp_path / "flipped"), judges=["psnr"], bootstrap=50))
+    assert flipped["psnr"]["agreement"] == pytest.approx(0.9)  # the judge now prefers p1, as do 90 % of people
+    assert judge.agreement(np.array([1.0, 0.0, 0.5]), np.array([1.0, 1.0, 0.5])) == pytest.approx((1 + 0 + 0.5) / 3)
+
+
+def test_judge_set_with_a_missing_side_is_refused(tmp_path, photo_dir):
+    make_bapps(tmp_path / "set", photo_dir, count=2)
+    (tmp_path / "set" / "judge" / "0001.npy").unlink()
+    with pytest.raises(FileNotFoundError, match="0001"):
+        judge.load_pairs(tmp_path / "set")

@@ -1,0 +1,81 @@
+"""Feature-space fidelity through real loading paths: torchvision weights from torch hub's cache,
+CLIP through transformers' from_pretrained (tiny random models; their numbers mean nothing)."""
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.models import get_model, get_model_weights
+
+from datamodules.images import list_images, load_rgb, to_tensor
+from evaluation import features
+from evaluation.evaluate import EvaluateConfig, run
+from evaluation.metrics import Unavailable
+from pl_modules.tiny_models import save_tiny_clip
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    return tmp_path / "hub" / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="module")
+def images(eval_dir):
+    x = to_tensor(load_rgb(list_images(eval_dir)[0])[:128, :128].copy()).unsqueeze(0)
+    noisy = (x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    return x, noisy
+
+
+def cache_random_resnet18(hub: Path) -> None:
+    hub.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(get_model("resnet18").state_dict(), hub / Path(get_model_weights("resnet18").DEFAULT.url).name)
+
+
+def test_task_backbone_without_cached_weights_is_unavailable(hub):
+    with pytest.raises(Unavailable, match="needs weights resnet18-"):
+        features.TorchvisionFidelity("torchvision:resnet18")
+    measures, unavailable = features.build(["torchvision:resnet18"], "")
+    assert measures == [] and "resnet18" in unavailable["torchvision:resnet18"]
+
+
+def test_task_fidelity_is_perfect_on_identical_images_and_drops_on_noise(hub, images):
+    cache_random_resnet18(hub)
+    fidelity = features.TorchvisionFidelity("torchvision:resnet18")
+    x, noisy = images
+    same, other = fidelity(x, x), fidelity(noisy, x)
+    layers = [k for k in same if "/cos/" in k]
+    assert {"task/resnet18/cos/layer1", "task/resnet18/cos/layer4"} <= set(layers)
+    assert all(same[k] == pytest.approx(1.0, abs=1e-5) for k in layers) and same["task/resnet18/top1_agreement"] == 1.0
+    assert other["task/resnet18/cos/layer1"] < 0.99
+
+
+def test_clip_similarity_and_iqa_through_from_pretrained(tiny_clip, images):
+    clip = features.ClipFidelity(str(tiny_clip))
+    x, noisy = images
+    same, other = clip(x, x), clip(noisy, x)
+    assert same["clip_similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert other["clip_similarity"] < same["clip_similarity"]
+    assert 0.0 <= other["clip_iqa"] <= 1.0
+
+
+def test_missing_clip_is_unavailable_not_downloaded(tmp_path):
+    _, unavailable = features.build([], str(tmp_path / "no-clip-here"))
+    assert "not available locally" in unavailable[str(tmp_path / "no-clip-here")]
+
+
+def test_evaluate_reports_feature_fidelity_per_method(hub, tiny_clip, trained_run, eval_dir, tmp_path):
+    cache_random_resnet18(hub)
+    _, final = trained_run
+    curves = run(EvaluateConfig(images=str(eval_dir), models=[str(final)], classical=["webp"], metrics=["psnr"],
+                                task_backbones=["torchvision:resnet18"], clip_model=str(tiny_clip),
+                                out_dir=str(tmp_path / "out"), workers=1, max_images=1))
+    for method in ("ours", "webp"):
+        results = curves[method]["results"]
+        assert {"clip_similarity", "clip_iqa", "task/resnet18/top1_agreement", "task/resnet18/cos/layer4"} <= set(results)
+        assert all(0 <= v <= 1.0001 for v in results["clip_similarity"])
