@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("out_dir")
     shards.add_argument("--samples-per-shard", type=int, default=100)
     shards.add_argument("--min-size", type=int, default=0, help="skip images whose short side is smaller")
+    shards.add_argument("--pairs", action="store_true", help="write (degraded, clean, task) pairs for stage 2")
+    shards.add_argument("--tasks", nargs="+", default=["dehaze", "denoise", "derain", "deraindrop", "deshadow",
+                                                      "inpaint"], help="with --pairs: degradations to synthesise")
+    shards.add_argument("--seed", type=int, default=0, help="with --pairs: seed of the synthesis")
+    shards.add_argument("--real-pairs", nargs=3, metavar=("DEGRADED_SUFFIX", "CLEAN_SUFFIX", "TASK"),
+                        help="with --pairs: real pairs by file-name suffix, e.g. _real _mean denoise (PolyU)")
 
     compress = sub.add_parser("compress", help="encode an image into a bitstream file")
     compress.add_argument("image")
@@ -92,9 +98,15 @@ def resolve_config(args):
 
 def run_command(args) -> None:
     if args.command == "shards":
-        from datamodules.shards import write_shards
+        from datamodules.shards import write_pair_shards, write_shards
 
-        print(write_shards(args.src_dir, args.out_dir, args.samples_per_shard, args.min_size).report())
+        if args.pairs:
+            real = tuple(args.real_pairs) if args.real_pairs else None
+            summary = write_pair_shards(args.src_dir, args.out_dir, args.tasks, args.seed, args.samples_per_shard,
+                                        args.min_size, real_pairs=real)
+        else:
+            summary = write_shards(args.src_dir, args.out_dir, args.samples_per_shard, args.min_size)
+        print(summary.report())
     elif args.command == "compress":
         from stages.codec_io import compress_file
 

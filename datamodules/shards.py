@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
@@ -103,3 +104,73 @@ def read_index(shard_dir: str | Path) -> list[tuple[str, int]]:
         raise FileNotFoundError(f"{shard_dir} has no {INDEX}: not a complete shard set (run `train.py shards`)")
     entries = json.loads(index.read_text())["shards"]
     return [(str(shard_dir / e["name"]), int(e["samples"])) for e in entries]
+
+
+def write_pair_shards(src_dir: str | Path, out_dir: str | Path, tasks: list[str], seed: int = 0,
+                      samples_per_shard: int = 100, min_size: int = 0, progress: bool = True,
+                      real_pairs: tuple[str, str, str] | None = None) -> ShardSummary:
+    """(degraded, clean, task) shards: every clean image degraded by every task in ``tasks``
+    (reproducible from ``seed``), or real pairs found by file-name suffixes ``(degraded, clean,
+    task)``, e.g. ``("_real", "_mean", "denoise")`` for PolyU. Degraded images are stored as PNG so
+    that no compression adds to the degradation."""
+    from datamodules.degradations import TASKS, degrade
+
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    unknown = [t for t in ([real_pairs[2]] if real_pairs else tasks) if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown degradation tasks {unknown}; choose from {list(TASKS)}")
+    jobs = list(_pair_jobs(src_dir, tasks, real_pairs))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / INDEX).unlink(missing_ok=True)
+    summary, writer = ShardSummary(out_dir), None
+    for clean_path, degraded_path, task in tqdm(jobs, desc="pair shards", unit="pair", disable=not progress):
+        rel = clean_path.relative_to(src_dir).as_posix()
+        try:
+            clean_ext, clean_bytes, (height, width) = encode_sample(clean_path)
+            clean = load_rgb(clean_bytes)
+            sample_seed = int(np.random.SeedSequence([seed, summary.written]).generate_state(1)[0])
+            degraded = load_rgb(degraded_path) if degraded_path else degrade(clean, task, sample_seed)
+            if degraded.shape != clean.shape:
+                raise ValueError(f"degraded {degraded.shape} and clean {clean.shape} differ in size")
+        except Exception as err:  # noqa: BLE001 - reported in the summary, never fatal
+            summary.skipped.append((rel, f"{type(err).__name__}: {err}"))
+            continue
+        if min(height, width) < min_size:
+            summary.skipped.append((rel, f"{width}x{height} is smaller than min_size={min_size}"))
+            continue
+        if writer is None or summary.counts[-1] == samples_per_shard:
+            if writer is not None:
+                writer.close()
+            writer = wds.TarWriter(str(out_dir / f"shard-{len(summary.shards):06d}.tar"), mtime=0)
+            summary.shards.append(f"shard-{len(summary.shards):06d}.tar")
+            summary.counts.append(0)
+        buffer = io.BytesIO()
+        Image.fromarray(degraded).save(buffer, format="PNG")
+        meta = {"source": rel, "task": task, "label": TASKS.index(task), "height": height, "width": width,
+                "synthetic": degraded_path is None, "seed": None if degraded_path else sample_seed}
+        writer.write({"__key__": f"{summary.written:08d}", f"clean.{clean_ext}": clean_bytes,
+                      "degraded.png": buffer.getvalue(), "json": json.dumps(meta).encode()})
+        summary.counts[-1] += 1
+    if writer is not None:
+        writer.close()
+    if not summary.shards:
+        raise ValueError(f"no usable pairs in {src_dir} ({len(summary.skipped)} skipped)")
+    index = {"shards": [{"name": n, "samples": c} for n, c in zip(summary.shards, summary.counts)],
+             "tasks": list(TASKS)}
+    atomic_write_text(out_dir / INDEX, json.dumps(index, indent=1) + "\n")
+    return summary
+
+
+def _pair_jobs(src_dir: Path, tasks: list[str], real_pairs: tuple[str, str, str] | None):
+    """(clean path, degraded path or None, task) in a deterministic order."""
+    if real_pairs is None:
+        for path in list_images(src_dir):
+            for task in tasks:
+                yield path, None, task
+        return
+    degraded_suffix, clean_suffix, task = real_pairs
+    for path in list_images(src_dir):
+        if path.stem.endswith(clean_suffix):
+            partner = next(path.parent.glob(path.stem[: -len(clean_suffix)] + degraded_suffix + ".*"), None)
+            if partner is not None:
+                yield path, partner, task

@@ -1,6 +1,7 @@
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -100,3 +101,41 @@ def test_a_sample_that_fails_to_decode_is_counted_not_fatal(tmp_path, photo_dir)
 
 def _take(iterator, n):
     return [sample for sample, _ in zip(iterator, range(n))]
+
+
+def test_pair_shards_hold_reproducible_synthetic_pairs_with_labels(tmp_path, photo_dir):
+    from datamodules.degradations import TASKS, degrade
+    from datamodules.images import load_rgb
+    from datamodules.shards import write_pair_shards
+
+    folder = tmp_path / "clean"
+    folder.mkdir()
+    for path in sorted(photo_dir.iterdir())[:2]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    summary = write_pair_shards(folder, tmp_path / "pairs", ["dehaze", "denoise"], seed=4, progress=False)
+    assert summary.written == 4
+    sample = next(raw_samples(read_index(tmp_path / "pairs"), seed=0, stream=0, skip=0))
+    meta = json.loads(sample["json"])
+    clean = load_rgb(next(v for k, v in sample.items() if k.startswith("clean.")))
+    assert meta["label"] == TASKS.index(meta["task"]) and meta["synthetic"]
+    assert np.array_equal(load_rgb(sample["degraded.png"]), degrade(clean, meta["task"], meta["seed"]))
+
+
+def test_pair_shards_from_real_pairs_match_by_suffix(tmp_path):
+    from pathlib import Path
+
+    from datamodules.shards import write_pair_shards
+
+    polyu = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "polyu_real_noise" / "CroppedImages"
+    if not polyu.is_dir():
+        pytest.skip("../shared/data/polyu_real_noise is not here")
+    subset = tmp_path / "polyu"
+    subset.mkdir()
+    for path in sorted(polyu.glob("*.JPG"))[:6]:
+        (subset / path.name).write_bytes(path.read_bytes())
+    summary = write_pair_shards(subset, tmp_path / "pairs", [], real_pairs=("_real", "_mean", "denoise"),
+                                progress=False)
+    assert summary.written == 3
+    sample = next(raw_samples(read_index(tmp_path / "pairs"), seed=0, stream=0, skip=0))
+    meta = json.loads(sample["json"])
+    assert meta["task"] == "denoise" and not meta["synthetic"] and meta["source"].endswith("_mean.JPG")
