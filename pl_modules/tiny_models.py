@@ -36,3 +36,25 @@ def _byte_symbols() -> list[str]:
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     extra = iter(range(256, 512))
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def save_tiny_diffusion(folder: str | Path, cross_attention_dim: int = 32, seed: int = 0) -> Path:
+    """A latent-diffusion folder in diffusers' layout (vae/, unet/, scheduler/) with Stable
+    Diffusion's structure — 8× VAE downsampling, 4 latent channels, cross-attention UNet, SD's
+    noise schedule — at a size a CPU trains in seconds."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+                  block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, sample_size=256).save_pretrained(folder / "vae")
+    UNet2DConditionModel(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
+                         block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
+                         attention_head_dim=8).save_pretrained(folder / "unet")
+    DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                  prediction_type="epsilon").save_pretrained(folder / "scheduler")
+    return folder

@@ -1,0 +1,164 @@
+"""The diffusion prior every diffusion stage shares (LL-ICM, Diff-ICMH, VLIC): a latent-diffusion
+VAE, UNet and noise scheduler loaded through diffusers' ``from_pretrained`` from a hub id or a local
+folder, with LoRA on the UNet's attention projections (peft) and extra zero-initialised ``conv_in``
+channels for the image the UNet restores.
+
+Why latent concatenation (InstructPix2Pix) and not a ControlNet branch: it adds one conv's worth of
+weights instead of a copy of the encoder, keeps LoRA the only change inside the UNet (so "adapters
+disabled" is exactly the reference model that VLIC's Diffusion-DPO needs), and at zero init the
+UNet computes exactly what the pretrained one did.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+LORA_FILE = "unet_lora.safetensors"
+CONV_IN_FILE = "unet_conv_in.safetensors"
+
+
+@dataclass
+class DiffusionPriorConfig:
+    model: str = "???"
+    """A diffusers pipeline folder or hub id with vae/, unet/, scheduler/ (e.g. stabilityai/sd-turbo)."""
+    local_files_only: bool = False
+    """Never download: load from the folder or the HF cache only."""
+    lora_rank: int = 8
+    """LoRA rank on the UNet's attention projections."""
+    lora_alpha: int = 8
+    """LoRA scale numerator (scale = alpha / rank)."""
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """UNet module names that get LoRA adapters."""
+    condition_channels: int = 4
+    """Extra conv_in channels for the latent of the image to restore (0: unconditional)."""
+    gradient_checkpointing: bool = True
+    """Trade compute for memory in the UNet during training."""
+    vae_tile: int = 512
+    """Encode/decode images larger than this many pixels in overlapping tiles (0: never tile)."""
+    sample_steps: int = 4
+    """DDIM steps when sampling; few-step models (sd-turbo) need 1–4."""
+
+
+class DiffusionPrior(nn.Module):
+    def __init__(self, cfg: DiffusionPriorConfig):
+        super().__init__()
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+        self.cfg = cfg
+        load = dict(local_files_only=cfg.local_files_only)
+        self.vae = AutoencoderKL.from_pretrained(cfg.model, subfolder="vae", **load).requires_grad_(False)
+        self.unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **load).requires_grad_(False)
+        self.scheduler = DDIMScheduler.from_pretrained(cfg.model, subfolder="scheduler", **load)
+        if cfg.condition_channels:
+            expand_conv_in(self.unet, cfg.condition_channels)
+        if cfg.lora_rank:
+            self._add_lora()
+        if cfg.vae_tile:
+            self.vae.enable_tiling()
+            self.vae.tile_sample_min_size = cfg.vae_tile
+            self.vae.tile_latent_min_size = cfg.vae_tile // self.vae_scale
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+
+    def _add_lora(self) -> None:
+        from peft import LoraConfig
+
+        self.unet.add_adapter(LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_alpha,
+                                         target_modules=list(self.cfg.lora_targets), init_lora_weights="gaussian"))
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_scale(self) -> float:
+        return self.vae.config.scaling_factor
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """LoRA weights and the conv_in (whose new channels start at zero); all else stays frozen."""
+        params = [p for n, p in self.unet.named_parameters() if "lora_" in n]
+        if self.cfg.condition_channels:
+            self.unet.conv_in.requires_grad_(True)
+            params += list(self.unet.conv_in.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] → scaled latents (the posterior mean: deterministic)."""
+        return self.vae.encode(image * 2 - 1).latent_dist.mode() * self.latent_scale
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return ((self.vae.decode(latents / self.latent_scale).sample + 1) / 2).clamp(0, 1)
+
+    def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor | None,
+                context: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction for noisy latents, given the condition latent and cross-attention tokens."""
+        inputs = torch.cat([noisy, condition], dim=1) if self.cfg.condition_channels else noisy
+        return self.unet(inputs, timesteps, encoder_hidden_states=context).sample
+
+    @torch.no_grad()
+    def sample(self, condition: torch.Tensor, context: torch.Tensor, generator: torch.Generator | None = None,
+               steps: int | None = None) -> torch.Tensor:
+        """DDIM from pure noise to latents, conditioned on ``condition`` (a latent) and ``context``."""
+        self.scheduler.set_timesteps(steps or self.cfg.sample_steps, device=condition.device)
+        latents = torch.randn(condition.shape[0], self.unet.config.out_channels, *condition.shape[-2:],
+                              generator=generator, device=condition.device, dtype=condition.dtype)
+        latents = latents * self.scheduler.init_noise_sigma
+        for t in self.scheduler.timesteps:
+            prediction = self.denoise(self.scheduler.scale_model_input(latents, t), t.expand(len(latents)),
+                                      condition, context)
+            latents = self.scheduler.step(prediction, t, latents).prev_sample
+        return latents
+
+    def save_trained(self, folder: str | Path) -> dict[str, Path]:
+        """LoRA weights (peft's layout, loadable with ``set_peft_model_state_dict``) and conv_in, alone."""
+        from peft.utils import get_peft_model_state_dict
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {}
+        if self.cfg.lora_rank:
+            state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.unet).items()}
+            save_file(state, str(folder / LORA_FILE))
+            files[LORA_FILE] = folder / LORA_FILE
+        if self.cfg.condition_channels:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.unet.conv_in.state_dict().items()},
+                      str(folder / CONV_IN_FILE))
+            files[CONV_IN_FILE] = folder / CONV_IN_FILE
+        return files
+
+    def load_trained(self, folder: str | Path) -> None:
+        """Strictly: every LoRA key of this configuration must be in the file, and nothing else."""
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+        folder = Path(folder)
+        if self.cfg.lora_rank:
+            state = load_file(str(folder / LORA_FILE))
+            expected = {k: v.shape for k, v in get_peft_model_state_dict(self.unet).items()}
+            missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+            resized = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k])
+            if missing or unexpected or resized:
+                raise ValueError(f"{folder / LORA_FILE} does not match this LoRA configuration: missing "
+                                 f"{missing[:3]}, unexpected {unexpected[:3]}, other shapes {resized[:3]}")
+            set_peft_model_state_dict(self.unet, state)
+        if self.cfg.condition_channels:
+            self.unet.conv_in.load_state_dict(load_file(str(folder / CONV_IN_FILE)), strict=True)
+
+
+def expand_conv_in(unet: nn.Module, extra: int) -> None:
+    """Give the UNet's first conv ``extra`` more input channels with zero weights: at init the
+    output is exactly the pretrained one, whatever the extra channels hold."""
+    old = unet.conv_in
+    new = nn.Conv2d(old.in_channels + extra, old.out_channels, old.kernel_size, old.stride, old.padding,
+                    dtype=old.weight.dtype, device=old.weight.device)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, : old.in_channels] = old.weight
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=old.in_channels + extra)

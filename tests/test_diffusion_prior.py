@@ -1,0 +1,131 @@
+"""The shared diffusion prior on a tiny random model loaded through diffusers' from_pretrained."""
+import pytest
+import torch
+
+from pl_modules.diffusion_prior import CONV_IN_FILE, LORA_FILE, DiffusionPrior, DiffusionPriorConfig, expand_conv_in
+from pl_modules.tiny_models import save_tiny_diffusion
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return save_tiny_diffusion(tmp_path_factory.mktemp("tiny-sd"))
+
+
+def prior(folder, **overrides):
+    torch.manual_seed(0)
+    return DiffusionPrior(DiffusionPriorConfig(model=str(folder), local_files_only=True, **overrides))
+
+
+def inputs(batch=2, size=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, size, size, generator=g), torch.tensor([10, 500]),
+            torch.randn(batch, 4, size, size, generator=g), torch.randn(batch, 3, 32, generator=g))
+
+
+def test_loads_through_from_pretrained_with_sd_structure(tiny_folder):
+    model = prior(tiny_folder, vae_tile=0)
+    assert model.vae_scale == 8 and model.unet.config.in_channels == 8
+    x = torch.rand(1, 3, 64, 64)
+    latents = model.encode(x)
+    assert latents.shape == (1, 4, 8, 8) and model.decode(latents).shape == x.shape
+    with pytest.raises(OSError):
+        DiffusionPrior(DiffusionPriorConfig(model=str(tiny_folder / "missing"), local_files_only=True))
+
+
+def test_zero_initialised_condition_channels_leave_the_pretrained_output_unchanged(tiny_folder):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_folder, subfolder="unet")
+    noisy, t, condition, context = inputs()
+    before = unet(noisy, t, encoder_hidden_states=context).sample
+    expand_conv_in(unet, 4)
+    after = unet(torch.cat([noisy, condition], 1), t, encoder_hidden_states=context).sample
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    assert unet.config.in_channels == 8
+
+
+def test_only_lora_and_conv_in_train_and_disabling_adapters_gives_the_base_model(tiny_folder):
+    model = prior(tiny_folder, gradient_checkpointing=False)
+    frozen = {n: p.detach().clone() for n, p in model.unet.named_parameters() if "lora_" not in n and "conv_in" not in n}
+    params = model.trainable_parameters()
+    assert all(p.requires_grad for p in params)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n and "conv_in" not in n)
+    noisy, t, condition, context = inputs()
+    model.unet.disable_adapters()
+    base = model.denoise(noisy, t, condition, context).detach()
+    model.unet.enable_adapters()
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = (model.denoise(noisy, t, condition, context) - noisy).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    for name, param in model.unet.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]), name
+    model.unet.disable_adapters()
+    conv_in_changed = model.denoise(noisy, t, condition, context)
+    model.unet.enable_adapters()
+    assert not torch.allclose(conv_in_changed, base)  # conv_in trained; LoRA off is not the whole story
+    assert not torch.allclose(model.denoise(noisy, t, condition, context), conv_in_changed)
+
+
+def test_trained_weights_round_trip_alone_and_strictly(tiny_folder, tmp_path):
+    model = prior(tiny_folder)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    files = model.save_trained(tmp_path / "trained")
+    assert set(files) == {LORA_FILE, CONV_IN_FILE}
+    assert sum(f.stat().st_size for f in files.values()) < 0.2 * sum(
+        p.numel() * 4 for p in model.unet.parameters())  # adapters alone, not the UNet
+    twin = prior(tiny_folder)
+    twin.load_trained(tmp_path / "trained")
+    noisy, t, condition, context = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(twin.denoise(noisy, t, condition, context),
+                                   model.denoise(noisy, t, condition, context))
+    other = prior(tiny_folder, lora_rank=4)
+    with pytest.raises(ValueError, match="does not match this LoRA configuration"):
+        other.load_trained(tmp_path / "trained")
+
+
+def test_ddim_sampling_is_seeded_and_takes_the_configured_steps(tiny_folder):
+    model = prior(tiny_folder, sample_steps=3)
+    _, _, condition, context = inputs(batch=1)
+    a = model.sample(condition, context[:1], torch.Generator().manual_seed(5))
+    b = model.sample(condition, context[:1], torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and len(model.scheduler.timesteps) == 3
+    assert not torch.equal(a, model.sample(condition, context[:1], torch.Generator().manual_seed(6)))
+
+
+PEAK_RSS = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+from pl_modules.diffusion_prior import DiffusionPrior, DiffusionPriorConfig
+model = DiffusionPrior(DiffusionPriorConfig(model={folder!r}, vae_tile={tile}, local_files_only=True))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.no_grad():
+    image = model.decode(torch.randn(1, 4, 128, 128))
+assert image.shape == (1, 3, 1024, 1024) and torch.isfinite(image).all()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_tiled_vae_decodes_a_1k_image_in_a_fraction_of_the_memory(tiny_folder):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    def peak_kib(tile):
+        script = PEAK_RSS.format(root=str(ROOT), folder=str(tiny_folder), tile=tile)
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return int(result.stdout.split()[-1])
+
+    whole, tiled = peak_kib(0), peak_kib(128)
+    assert tiled < 0.4 * whole, (tiled, whole)
