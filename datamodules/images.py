@@ -34,6 +34,8 @@ def load_rgb(source: str | Path | bytes) -> np.ndarray:
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """H×W×3 uint8 → 3×H×W float in [0, 1]."""
+    if not image.flags.writeable:  # decoders may hand out read-only views of their buffers
+        image = image.copy()
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255)
 
 

@@ -28,8 +28,12 @@ def plot_rd(curves: list[dict], out: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     metrics = [k for k in curves[0]["results"] if k != "bpp"]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
-    for axis, metric in zip(axes[0], metrics):
+    columns = min(3, len(metrics))
+    rows = math.ceil(len(metrics) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), squeeze=False)
+    for axis in axes.flat[len(metrics):]:
+        axis.axis("off")
+    for axis, metric in zip(axes.flat, metrics):
         for curve in curves:
             if metric in curve["results"]:
                 axis.plot(curve["results"]["bpp"], curve["results"][metric], "o-", label=curve["name"])
