@@ -12,6 +12,7 @@ training nor shifts any later batch.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import tarfile
 from collections import OrderedDict
@@ -91,18 +92,27 @@ def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.nd
     if min(height, width) < size:
         scale = size / min(height, width)
         new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
-        image = np.asarray(Image.fromarray(image).resize(new_size, Image.BICUBIC))
+        image = np.concatenate([np.asarray(Image.fromarray(image[..., c: c + 3]).resize(new_size, Image.BICUBIC))
+                                for c in range(0, image.shape[-1], 3)], axis=-1)  # pairs: both halves alike
         height, width = image.shape[:2]
     top, left = rng.integers(0, height - size + 1), rng.integers(0, width - size + 1)
     crop = image[top: top + size, left: left + size]
     return crop[:, ::-1] if rng.random() < 0.5 else crop
 
 
-def decode_image(sample: dict) -> np.ndarray:
+def decode_sample(sample: dict) -> tuple[np.ndarray, int]:
+    """(H×W×C uint8, task label): C=3 for an image (label −1), C=6 for a (degraded, clean) pair,
+    stacked so that one crop cuts both at the same place."""
+    if "degraded.png" in sample:
+        clean = next((sample[k] for k in sample if k.startswith("clean.")), None)
+        if clean is None:
+            raise KeyError(f"pair {sample.get('__key__')} has no clean image ({sorted(sample)})")
+        pair = np.concatenate([load_rgb(sample["degraded.png"]), load_rgb(clean)], axis=-1)
+        return pair, int(json.loads(sample["json"])["label"])
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise KeyError(f"sample {sample.get('__key__')} has no image ({sorted(sample)})")
-    return load_rgb(sample[key])
+    return load_rgb(sample[key]), -1
 
 
 class DecodedCache:
@@ -112,23 +122,24 @@ class DecodedCache:
     def __init__(self, budget_bytes: int):
         self.budget, self.used, self.images = budget_bytes, 0, OrderedDict()
 
-    def get(self, sample: dict) -> np.ndarray:
+    def get(self, sample: dict) -> tuple[np.ndarray, int]:
         key = (sample.get("__url__"), sample.get("__key__"))
         if key in self.images:
             self.images.move_to_end(key)
             return self.images[key]
-        image = decode_image(sample)
-        if image.nbytes <= self.budget:
-            self.images[key] = image
-            self.used += image.nbytes
+        decoded = decode_sample(sample)
+        if decoded[0].nbytes <= self.budget:
+            self.images[key] = decoded
+            self.used += decoded[0].nbytes
             while self.used > self.budget:
-                self.used -= self.images.popitem(last=False)[1].nbytes
-        return image
+                self.used -= self.images.popitem(last=False)[1][0].nbytes
+        return decoded
 
 
 class CropStream(IterableDataset):
-    """Batches of random crops (``{"image": B×3×S×S, "keys": [sample keys], "skipped": int}``);
-    use with ``batch_size=None``."""
+    """Batches of random crops, ``{"image": B×3×S×S, "keys", "skipped"}``, or for pair shards
+    ``{"degraded", "clean": B×3×S×S, "task": B labels, "keys", "skipped"}``; use with
+    ``batch_size=None``."""
 
     def __init__(self, shards: list[tuple[str, int]], crop: int, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, start_batch: int = 0, cache_mb: int = 0):
@@ -149,11 +160,13 @@ class CropStream(IterableDataset):
             yield self._collate(window, position.stream, batch_index, cache)
 
     def _collate(self, window: list[dict], stream: int, batch_index: int, cache: DecodedCache) -> dict:
-        crops, keys, skipped = [], [], 0
+        crops, labels, keys, skipped = [], [], [], 0
         for offset, sample in enumerate(window):
             rng = np.random.default_rng([self.seed, stream, batch_index * self.batch_size + offset])
             try:
-                crops.append(random_crop(cache.get(sample), self.crop, rng))
+                pixels, label = cache.get(sample)
+                crops.append(random_crop(pixels, self.crop, rng))
+                labels.append(label)
                 keys.append(sample["__key__"])
             except Exception as err:  # noqa: BLE001 - counted and logged as train/skipped_samples
                 log.warning("skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), err)
@@ -162,4 +175,7 @@ class CropStream(IterableDataset):
             raise RuntimeError(f"every sample of batch {batch_index} failed to decode (shard "
                                f"{window[0].get('__url__') if window else '?'} looks corrupt)")
         images = torch.from_numpy(np.ascontiguousarray(np.stack(crops))).permute(0, 3, 1, 2).float().div(255)
+        if images.shape[1] == 6:
+            return {"degraded": images[:, :3], "clean": images[:, 3:], "task": torch.tensor(labels), "keys": keys,
+                    "skipped": skipped}
         return {"image": images, "keys": keys, "skipped": skipped}

@@ -139,3 +139,22 @@ def test_pair_shards_from_real_pairs_match_by_suffix(tmp_path):
     sample = next(raw_samples(read_index(tmp_path / "pairs"), seed=0, stream=0, skip=0))
     meta = json.loads(sample["json"])
     assert meta["task"] == "denoise" and not meta["synthetic"] and meta["source"].endswith("_mean.JPG")
+
+
+def test_pair_batches_crop_degraded_and_clean_at_the_same_place(tmp_path, photo_dir):
+    from datamodules.shards import write_pair_shards
+
+    folder = tmp_path / "clean"
+    folder.mkdir()
+    for path in sorted(photo_dir.iterdir())[:3]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    write_pair_shards(folder, tmp_path / "pairs", ["deshadow", "inpaint"], progress=False)
+    (batch,) = batches(read_index(tmp_path / "pairs"), start=0, count=1, batch_size=4, crop=64)
+    assert batch["degraded"].shape == batch["clean"].shape == (4, 3, 64, 64)
+    from datamodules.degradations import TASKS
+
+    assert set(batch["task"].tolist()) <= {TASKS.index("deshadow"), TASKS.index("inpaint")}
+    assert batch["task"].shape == (4,)
+    # Shadows only darken and inpainting only blanks: the degraded crop never exceeds the clean one
+    # by more than rounding, which holds only if both were cut at the same place.
+    assert (batch["degraded"] <= batch["clean"] + 1 / 255).float().mean() > 0.999
