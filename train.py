@@ -33,12 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     from evaluation.judge import JudgeConfig
     from stages.pipeline import PipelineConfig
     from stages.quickstart import PRESET, QuickstartConfig
-    from stages.stage1 import Stage1Config
+    from stages.registry import STAGE_KINDS
     from stages.sweep import SweepConfig
 
     parser = argparse.ArgumentParser(prog="train.py", description="Learned image compression with diffusion priors.")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_config_command(sub, "stage1", Stage1Config, "rate–distortion pretraining of a CompressAI codec")
+    for name, kind in STAGE_KINDS.items():
+        add_config_command(sub, name, kind.schema, kind.summary)
     add_config_command(sub, "quickstart", QuickstartConfig,
                        "build shards from bundled photos, train a small codec on CPU, print real-bitstream results",
                        presets=(PRESET,))
@@ -125,10 +126,10 @@ def run_command(args) -> None:
         print(bd_table(load(args.reference), [load(p) for p in args.tests], args.metric or ["psnr", "ms-ssim-db"],
                        args.method))
     elif (cfg := resolve_config(args)) is not None:
-        if args.command == "stage1":
-            from stages import stage1
+        from stages.registry import STAGE_KINDS
 
-            print(f"final: {stage1.run(cfg)}")
+        if args.command in STAGE_KINDS:
+            print(f"final: {STAGE_KINDS[args.command].run(cfg)}")
         elif args.command == "quickstart":
             from stages import quickstart
 
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     # Our checkpoints are taken after the optimizer step on purpose: global_step counts finished steps.
     warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # Frozen pretrained parts (VAE, UNet base, CLIP) stay in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     from pl_modules.bitstream import BitstreamError
     from stages.config import ConfigError
     from stages.manifest import ManifestError

@@ -115,22 +115,24 @@ class DiffusionPrior(nn.Module):
             latents = self.scheduler.step(prediction, t, latents).prev_sample
         return latents
 
-    def save_trained(self, folder: str | Path) -> dict[str, Path]:
-        """LoRA weights (peft's layout, loadable with ``set_peft_model_state_dict``) and conv_in, alone."""
+    def trained_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """File name → tensors of what training changes: LoRA (peft's layout, loadable with
+        ``set_peft_model_state_dict``) and conv_in, each alone."""
         from peft.utils import get_peft_model_state_dict
 
+        states = {}
+        if self.cfg.lora_rank:
+            states[LORA_FILE] = get_peft_model_state_dict(self.unet)
+        if self.cfg.condition_channels:
+            states[CONV_IN_FILE] = self.unet.conv_in.state_dict()
+        return {name: {k: v.detach().cpu().contiguous() for k, v in state.items()} for name, state in states.items()}
+
+    def save_trained(self, folder: str | Path) -> dict[str, Path]:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        files = {}
-        if self.cfg.lora_rank:
-            state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.unet).items()}
-            save_file(state, str(folder / LORA_FILE))
-            files[LORA_FILE] = folder / LORA_FILE
-        if self.cfg.condition_channels:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.unet.conv_in.state_dict().items()},
-                      str(folder / CONV_IN_FILE))
-            files[CONV_IN_FILE] = folder / CONV_IN_FILE
-        return files
+        for name, state in self.trained_state().items():
+            save_file(state, str(folder / name))
+        return {name: folder / name for name in self.trained_state()}
 
     def load_trained(self, folder: str | Path) -> None:
         """Strictly: every LoRA key of this configuration must be in the file, and nothing else."""

@@ -18,7 +18,8 @@ def save_tiny_clip(folder: str | Path, image_size: int = 32, seed: int = 0) -> P
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    # projection_dim inside each tower too: CLIPVisionModelWithProjection reads the vision config alone.
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=16)
     specials = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
                     pad_token_id=vocab["<|endoftext|>"])
     config = CLIPConfig(text_config=dict(vocab_size=len(vocab), max_position_embeddings=77, **specials, **tower),

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from stages import stage1
+from stages import stage1, stage2_llicm
 
 
 @dataclass(frozen=True)
@@ -14,6 +14,8 @@ class StageKind:
     run: Callable[..., Path]
     manifest_stage: str
     """The ``stage`` its manifests carry, which init_from and skip checks expect."""
+    summary: str
+    """One line for ``train.py --help``."""
 
 
 STAGE_KINDS: dict[str, StageKind] = {}
@@ -25,4 +27,7 @@ def register_stage(name: str, kind: StageKind) -> None:
     STAGE_KINDS[name] = kind
 
 
-register_stage("stage1", StageKind(stage1.Stage1Config, stage1.run, stage1.STAGE))
+register_stage("stage1", StageKind(stage1.Stage1Config, stage1.run, stage1.STAGE,
+                                    "rate–distortion pretraining of a CompressAI codec"))
+register_stage("stage2-llicm", StageKind(stage2_llicm.Stage2LLICMConfig, stage2_llicm.run, stage2_llicm.STAGE,
+                                         "LL-ICM: joint codec + CLIP-guided diffusion restoration (LoRA)"))

@@ -53,3 +53,17 @@ def test_step_seeds_differ_across_steps_and_ranks_and_repeat():
     seeds = {step_seed(0, s, r) for s in range(50) for r in range(4)}
     assert len(seeds) == 200
     assert step_seed(3, 7, 1) == step_seed(3, 7, 1) < 2**63
+
+
+def test_llicm_loss_weighs_its_terms_as_written():
+    from pl_modules.losses import llicm_loss
+
+    x = torch.zeros(1, 3, 2, 2)
+    logits = torch.tensor([[0.0, math.log(3.0)]])  # p = (0.25, 0.75)
+    out = llicm_loss(x + 0.1, x, torch.tensor(0.5), torch.ones(1, 4, 1, 1), torch.zeros(1, 4, 1, 1),
+                     logits, torch.tensor([1]), alpha=2.0, beta=3.0, gamma=4.0, classification=5.0)
+    assert out["distortion"].item() == pytest.approx(0.01)
+    assert out["task"].item() == pytest.approx(1.0)
+    assert out["classification"].item() == pytest.approx(-math.log(0.75))
+    assert out["loss"].item() == pytest.approx(2 * 0.01 + 3 * 0.5 + 4 * 1.0 - 5 * math.log(0.75))
+    assert out["accuracy"].item() == 1.0

@@ -1,0 +1,90 @@
+"""Stage 2, LL-ICM: joint codec + diffusion restoration from a stage-1 codec; hands over ``final/``
+with the codec, the LoRA adapters, the UNet's conv_in and the controller, each alone."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+from safetensors.torch import save_file
+
+from datamodules.pair_data import PairDataConfig, PairDataModule
+from pl_modules.codecs import load_codec_weights, save_codec
+from pl_modules.diffusion_prior import DiffusionPriorConfig
+from pl_modules.llicm_module import LLICMModule
+from stages import stage1
+from stages.config import ConfigError, StageConfig, to_dict, to_yaml
+from stages.manifest import Manifest, manifest_path, write_final
+from stages.provenance import git_commit, write_provenance
+from stages.stage1 import CodecConfig
+from stages.trainer import build_trainer, last_checkpoint
+
+STAGE = "stage2-llicm"
+CONTROLLER_FILE = "controller.safetensors"
+
+
+@dataclass
+class Stage2LLICMConfig(StageConfig):
+    name: str = STAGE
+    """This stage's folder inside the run (a pipeline names each of its stages)."""
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    """The stage-1 codec's architecture; must match init_from's manifest."""
+    prior: DiffusionPriorConfig = field(default_factory=DiffusionPriorConfig)
+    clip_model: str = "???"
+    """CLIP (hub id or local folder) whose frozen image features drive the controller."""
+    content_tokens: int = 4
+    """Cross-attention tokens describing content (one more names the degradation)."""
+    train_codec: bool = True
+    """Train the codec jointly (LL-ICM) or keep the stage-1 codec frozen (the baseline's first half)."""
+    alpha: float = 1.0
+    """Weight of MSE(X̂, X): the decoded image against the degraded input."""
+    beta: float = 0.01
+    """Weight of the rate R in bpp."""
+    gamma: float = 1.0
+    """Weight of the diffusion loss toward the ideal (clean) image."""
+    classification: float = 0.1
+    """Weight of the controller's degradation classification (cross-entropy)."""
+    lr: float = 1e-4
+    """AdamW learning rate of everything trained."""
+    aux_lr: float = 1e-3
+    """Adam learning rate of the entropy bottleneck's quantiles (when the codec trains)."""
+    clip_grad_norm: float = 1.0
+    """Clip the gradient norm (0: off)."""
+    data: PairDataConfig = field(default_factory=PairDataConfig)
+
+    def __post_init__(self) -> None:
+        if not self.init_from:
+            raise ConfigError("init_from must name a stage-1 final/ (stage 2 starts from a trained codec)")
+        if self.prior.condition_channels != 4:
+            raise ConfigError("prior.condition_channels must be 4: the decoded image conditions the UNet as a latent")
+
+
+def run(cfg: Stage2LLICMConfig) -> Path:
+    stage_dir = cfg.stage_dir
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    parent = stage1.check_parent(cfg.codec, cfg.init_from)
+    module = LLICMModule(cfg)
+    resume = last_checkpoint(stage_dir)
+    if resume is None:
+        load_codec_weights(module.codec, manifest_path(cfg.init_from).parent / stage1.WEIGHTS)
+    trainer = build_trainer(cfg.trainer, stage_dir)
+    if trainer.is_global_zero:
+        write_provenance(stage_dir, cfg)
+    datamodule = PairDataModule(cfg.data, cfg.trainer.seed)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    if module.validated_at_step != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    metrics = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    final = stage_dir / "final"
+    if trainer.is_global_zero:
+        module = module.cpu()
+        states = {**module.prior.trained_state(),
+                  CONTROLLER_FILE: {k: v.contiguous() for k, v in module.controller.state_dict().items()}}
+        writers = {name: (lambda path, state=state: save_file(state, str(path))) for name, state in states.items()}
+        writers[stage1.WEIGHTS] = lambda path: save_codec(module.codec, path)
+        manifest = Manifest(stage=STAGE, codec=to_dict(cfg.codec), lmbda=parent.lmbda, distortion=parent.distortion,
+                            weights={}, metrics=metrics, git_commit=git_commit(),
+                            parent=str(manifest_path(cfg.init_from).resolve()), parent_weights=parent.weights)
+        write_final(final, manifest, writers, extra_text={"config.yaml": to_yaml(cfg)})
+    trainer.strategy.barrier()
+    return final

@@ -1,0 +1,99 @@
+"""Stage 2 (LL-ICM) on tiny random diffusion and CLIP models loaded through from_pretrained."""
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_overrides
+from datamodules.shards import read_index, write_pair_shards
+from datamodules.stream import CropStream
+from pl_modules.diffusion_prior import CONV_IN_FILE, LORA_FILE, DiffusionPrior
+from pl_modules.llicm_module import LLICMModule
+from pl_modules.tiny_models import save_tiny_clip, save_tiny_diffusion
+from stages import pipeline
+from stages.config import ConfigError, load_config
+from stages.manifest import read_manifest
+from stages.pipeline import PipelineConfig
+from stages.stage2_llicm import CONTROLLER_FILE, Stage2LLICMConfig
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return save_tiny_diffusion(root / "sd"), save_tiny_clip(root / "clip")
+
+
+@pytest.fixture(scope="module")
+def pair_shards(tmp_path_factory, photo_dir):
+    folder = tmp_path_factory.mktemp("clean")
+    for path in sorted(photo_dir.iterdir())[:4]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    out = tmp_path_factory.mktemp("pairs")
+    write_pair_shards(folder, out, ["denoise", "dehaze"], samples_per_shard=4, progress=False)
+    return out
+
+
+def stage2_overrides(models, pair_shards, eval_dir):
+    sd, clip = models
+    return [f"prior.model={sd}", "prior.local_files_only=true", "prior.gradient_checkpointing=false",
+            "prior.vae_tile=0", "prior.sample_steps=2", f"clip_model={clip}", "codec.N=32", "codec.M=48",
+            f"data.train_shards={pair_shards}", f"data.val_dir={eval_dir}", "data.val_tasks=[denoise,dehaze]",
+            "data.crop=64", "data.val_crop=64", "data.batch_size=2", "data.num_workers=0", "data.val_max_images=1",
+            "lr=1e-3", "trainer.max_steps=6", "trainer.val_every=6", "trainer.checkpoint_every=3",
+            "trainer.log_every=2", "trainer.progress_bar=false", "trainer.accelerator=cpu", "trainer.devices=1"]
+
+
+def test_stage2_needs_a_stage1_parent(models, pair_shards, eval_dir):
+    with pytest.raises(ConfigError, match="init_from must name a stage-1 final"):
+        load_config(Stage2LLICMConfig, overrides=stage2_overrides(models, pair_shards, eval_dir))
+
+
+def test_loss_on_a_fixed_batch_falls_and_frozen_weights_stay(models, pair_shards, eval_dir, trained_run):
+    _, final = trained_run
+    cfg = load_config(Stage2LLICMConfig, overrides=[*stage2_overrides(models, pair_shards, eval_dir),
+                                                    f"init_from={final}"])
+    module = LLICMModule(cfg)
+    batch = next(iter(CropStream(read_index(pair_shards), 64, 2, seed=0)))
+    frozen = {k: v.clone() for k, v in module.state_dict().items() if module.is_frozen_weight(k)}
+    assert any(k.startswith("clip.") for k in frozen) and any(k.startswith("prior.vae.") for k in frozen)
+    net, aux = module.trained_parameters()
+    optimizer = torch.optim.Adam([{"params": net, "lr": 1e-3}, {"params": aux, "lr": 1e-3}])
+    losses = []
+    for step in range(30):
+        torch.manual_seed(step % 2)  # the same noise and timesteps every other step: a fixed objective
+        terms, aux_loss = module.losses(batch)
+        optimizer.zero_grad()
+        (terms["loss"] + aux_loss).backward()
+        optimizer.step()
+        losses.append(terms["loss"].item())
+    assert sum(losses[-4:]) < 0.7 * sum(losses[:4]), losses
+    for key, value in module.state_dict().items():
+        if key in frozen:
+            assert torch.equal(value, frozen[key]), key
+
+
+def test_stage2_chains_from_stage1_in_a_pipeline_and_hands_over_adapters_alone(models, pair_shards, eval_dir,
+                                                                               shard_dir, tmp_path):
+    spec = tmp_path / "p.yaml"
+    spec.write_text(yaml.safe_dump({"run": "chain", "output_root": str(tmp_path / "runs"), "stages": [
+        {"name": "codec", "kind": "stage1",
+         "overrides": [*tiny_overrides(shard_dir, eval_dir), "trainer.max_steps=10", "trainer.val_every=10",
+                       "data.val_max_images=1"]},
+        {"name": "restore", "kind": "stage2-llicm", "init_from": "codec",
+         "overrides": stage2_overrides(models, pair_shards, eval_dir)}]}))
+    codec_final, restore_final = pipeline.run(load_config(PipelineConfig, [spec]))
+    manifest = read_manifest(restore_final, expect_stage="stage2-llicm")
+    assert manifest.parent_weights == read_manifest(codec_final).weights
+    assert set(manifest.weights) == {"codec.safetensors", LORA_FILE, CONV_IN_FILE, CONTROLLER_FILE}
+    for key in ("val/all/bpp", "val/all/psnr", "val/denoise/psnr", "val/dehaze/accuracy"):
+        assert key in manifest.metrics, key
+    assert 0 < manifest.metrics["val/all/bpp"] < 10 and 0 <= manifest.metrics["val/all/accuracy"] <= 1
+    # The adapters load alone into a fresh prior, through peft's layout.
+    cfg = load_config(Stage2LLICMConfig, [restore_final / "config.yaml"])
+    fresh = DiffusionPrior(cfg.prior)
+    fresh.load_trained(restore_final)
+    lora = {k: v for k, v in fresh.unet.state_dict().items() if "lora_B" in k}
+    assert lora and any(v.abs().sum() > 0 for v in lora.values())
+    # A second call finds both stages finished.
+    pipeline.run(load_config(PipelineConfig, [spec]))
+    ckpt = torch.load(tmp_path / "runs" / "chain" / "restore" / "last.ckpt", weights_only=False)
+    assert not any(k.startswith(("prior.vae.", "clip.")) for k in ckpt["state_dict"])
