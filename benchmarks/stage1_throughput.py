@@ -32,6 +32,7 @@ from pl_modules.bitstream import encode_image, pad_to_multiple  # noqa: E402
 from pl_modules.codecs import build_codec  # noqa: E402
 from pl_modules.losses import bits_per_pixel  # noqa: E402
 from stages import stage1  # noqa: E402
+from stages import trainer as trainer_module  # noqa: E402
 from stages.config import load_config  # noqa: E402
 from stages.stage1 import Stage1Config  # noqa: E402
 
@@ -54,18 +55,18 @@ def timed_stage1(overrides: list[str], warmup: int, steps: int) -> float:
                                                f"trainer.val_every={10 * (warmup + steps)}", "data.val_max_images=1",
                                                "trainer.checkpoint_every=1000000", "trainer.progress_bar=false"])
     timer = StepTimer(warmup)
-    build = stage1.build_trainer
+    build = trainer_module.build_trainer
 
     def with_timer(*a, **k):
         trainer = build(*a, **k)
         trainer.callbacks.append(timer)
         return trainer
 
-    stage1.build_trainer = with_timer
+    trainer_module.build_trainer = with_timer
     try:
         stage1.run(cfg)
     finally:
-        stage1.build_trainer = build
+        trainer_module.build_trainer = build
     return steps / (timer.end - timer.start)
 
 

@@ -4,42 +4,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.codec_data import CodecDataModule, ImageDataConfig
 from datamodules.degradations import TASKS, degrade
 from datamodules.images import list_images, load_rgb, to_tensor
-from datamodules.shards import read_index
-from datamodules.stream import CropStream
 
 
 @dataclass
-class PairDataConfig:
+class PairDataConfig(ImageDataConfig):
     train_shards: str = "???"
     """Folder of pair shards (written by `train.py shards --pairs`)."""
     val_dir: str = "???"
     """Folder of clean validation images, degraded here by every task in val_tasks."""
+    batch_size: int = 4
+    """Pairs per batch, per rank."""
     val_tasks: list[str] = field(default_factory=lambda: ["dehaze", "denoise", "derain", "deraindrop", "deshadow",
                                                           "inpaint"])
     """Tasks validated (each image degraded by each, seeds fixed)."""
-    crop: int = 256
-    """Side of the random training crops (a multiple of 64)."""
     val_crop: int = 256
     """Validation images are centre-cropped to this side (a multiple of 64)."""
-    batch_size: int = 4
-    """Pairs per batch, per rank."""
-    num_workers: int = 2
-    """Loader processes per rank (keep it across a resume)."""
-    decoded_cache_mb: int = 0
-    """Decoded pairs kept per loader worker (for data sets that fit)."""
-    val_max_images: int = 0
-    """Validate on the first this-many clean images only (0: all)."""
 
     def __post_init__(self) -> None:
-        for name in ("crop", "val_crop"):
-            if getattr(self, name) < 64 or getattr(self, name) % 64:
-                raise ValueError(f"data.{name} must be a multiple of 64, got {getattr(self, name)}")
+        super().__post_init__()
+        if self.val_crop < 64 or self.val_crop % 64:
+            raise ValueError(f"data.val_crop must be a multiple of 64 and at least 64, got {self.val_crop}")
         unknown = [t for t in self.val_tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"data.val_tasks: unknown tasks {unknown}; choose from {list(TASKS)}")
@@ -66,18 +56,8 @@ class DegradedFolder(Dataset):
                 "task": torch.tensor(TASKS.index(task)), "name": f"{path.name}:{task}"}
 
 
-class PairDataModule(L.LightningDataModule):
-    def __init__(self, cfg: PairDataConfig, seed: int):
-        super().__init__()
-        self.cfg, self.seed = cfg, seed
-
-    def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        stream = CropStream(read_index(self.cfg.train_shards), self.cfg.crop, self.cfg.batch_size, self.seed,
-                            rank=trainer.global_rank, world_size=trainer.world_size, start_batch=trainer.global_step,
-                            cache_mb=self.cfg.decoded_cache_mb)
-        return DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
-                          pin_memory=torch.cuda.is_available())
+class PairDataModule(CodecDataModule):
+    """Training crops come from pair shards through the same resumable stream as stage 1's."""
 
     def val_dataloader(self) -> DataLoader:
         folder = DegradedFolder(self.cfg, self.trainer.global_rank, self.trainer.world_size)

@@ -43,6 +43,39 @@ class ShardSummary:
         return "\n".join(lines)
 
 
+class ShardSink:
+    """Samples into numbered tar shards of ``samples_per_shard`` each; ``close`` writes index.json
+    last, so that only a complete set is ever taken for one."""
+
+    def __init__(self, out_dir: Path, samples_per_shard: int):
+        if samples_per_shard <= 0:
+            raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / INDEX).unlink(missing_ok=True)
+        self.summary, self.per_shard, self.writer = ShardSummary(out_dir), samples_per_shard, None
+
+    def write(self, fields: dict[str, bytes]) -> None:
+        summary = self.summary
+        if self.writer is None or summary.counts[-1] == self.per_shard:
+            if self.writer is not None:
+                self.writer.close()
+            summary.shards.append(f"shard-{len(summary.shards):06d}.tar")
+            summary.counts.append(0)
+            self.writer = wds.TarWriter(str(summary.out_dir / summary.shards[-1]), mtime=0)
+        self.writer.write({"__key__": f"{summary.written:08d}", **fields})
+        summary.counts[-1] += 1
+
+    def close(self, src_dir: Path, **index_extra) -> ShardSummary:
+        if self.writer is not None:
+            self.writer.close()
+        summary = self.summary
+        if not summary.shards:
+            raise ValueError(f"no usable images in {src_dir} ({len(summary.skipped)} skipped)")
+        index = {"shards": [{"name": n, "samples": c} for n, c in zip(summary.shards, summary.counts)], **index_extra}
+        atomic_write_text(summary.out_dir / INDEX, json.dumps(index, indent=1) + "\n")
+        return summary
+
+
 def encode_sample(path: Path) -> tuple[str, bytes, tuple[int, int]]:
     """(extension, bytes, (height, width)) of one image, converted to RGB only where needed."""
     raw = path.read_bytes()
@@ -59,41 +92,21 @@ def encode_sample(path: Path) -> tuple[str, bytes, tuple[int, int]]:
 def write_shards(src_dir: str | Path, out_dir: str | Path, samples_per_shard: int = 100,
                  min_size: int = 0, progress: bool = True) -> ShardSummary:
     """Every readable image of at least ``min_size`` px on its short side, in sorted path order."""
-    src_dir, out_dir = Path(src_dir), Path(out_dir)
-    if samples_per_shard <= 0:
-        raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
+    src_dir = Path(src_dir)
     files = list_images(src_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / INDEX).unlink(missing_ok=True)
-    summary = ShardSummary(out_dir)
-    writer = None
+    sink = ShardSink(Path(out_dir), samples_per_shard)
     for path in tqdm(files, desc="shards", unit="img", disable=not progress):
         rel = path.relative_to(src_dir).as_posix()
         try:
             ext, data, (height, width) = encode_sample(path)
         except Exception as err:  # noqa: BLE001 - any unreadable file is reported, never fatal
-            summary.skipped.append((rel, f"{type(err).__name__}: {err}"))
+            sink.summary.skipped.append((rel, f"{type(err).__name__}: {err}"))
             continue
         if min(height, width) < min_size:
-            summary.skipped.append((rel, f"{width}x{height} is smaller than min_size={min_size}"))
+            sink.summary.skipped.append((rel, f"{width}x{height} is smaller than min_size={min_size}"))
             continue
-        if writer is None or summary.counts[-1] == samples_per_shard:
-            if writer is not None:
-                writer.close()
-            name = f"shard-{len(summary.shards):06d}.tar"
-            writer = wds.TarWriter(str(out_dir / name), mtime=0)
-            summary.shards.append(name)
-            summary.counts.append(0)
-        meta = {"source": rel, "height": height, "width": width}
-        writer.write({"__key__": f"{summary.written:08d}", ext: data, "json": json.dumps(meta).encode()})
-        summary.counts[-1] += 1
-    if writer is not None:
-        writer.close()
-    if not summary.shards:
-        raise ValueError(f"no readable images in {src_dir} ({len(summary.skipped)} skipped)")
-    index = {"shards": [{"name": n, "samples": c} for n, c in zip(summary.shards, summary.counts)]}
-    atomic_write_text(out_dir / INDEX, json.dumps(index, indent=1) + "\n")
-    return summary
+        sink.write({ext: data, "json": json.dumps({"source": rel, "height": height, "width": width}).encode()})
+    return sink.close(src_dir)
 
 
 def read_index(shard_dir: str | Path) -> list[tuple[str, int]]:
@@ -120,45 +133,29 @@ def write_pair_shards(src_dir: str | Path, out_dir: str | Path, tasks: list[str]
     if unknown:
         raise ValueError(f"unknown degradation tasks {unknown}; choose from {list(TASKS)}")
     jobs = list(_pair_jobs(src_dir, tasks, real_pairs))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / INDEX).unlink(missing_ok=True)
-    summary, writer = ShardSummary(out_dir), None
+    sink = ShardSink(out_dir, samples_per_shard)
     for clean_path, degraded_path, task in tqdm(jobs, desc="pair shards", unit="pair", disable=not progress):
         rel = clean_path.relative_to(src_dir).as_posix()
         try:
             clean_ext, clean_bytes, (height, width) = encode_sample(clean_path)
             clean = load_rgb(clean_bytes)
-            sample_seed = int(np.random.SeedSequence([seed, summary.written]).generate_state(1)[0])
+            sample_seed = int(np.random.SeedSequence([seed, sink.summary.written]).generate_state(1)[0])
             degraded = load_rgb(degraded_path) if degraded_path else degrade(clean, task, sample_seed)
             if degraded.shape != clean.shape:
                 raise ValueError(f"degraded {degraded.shape} and clean {clean.shape} differ in size")
         except Exception as err:  # noqa: BLE001 - reported in the summary, never fatal
-            summary.skipped.append((rel, f"{type(err).__name__}: {err}"))
+            sink.summary.skipped.append((rel, f"{type(err).__name__}: {err}"))
             continue
         if min(height, width) < min_size:
-            summary.skipped.append((rel, f"{width}x{height} is smaller than min_size={min_size}"))
+            sink.summary.skipped.append((rel, f"{width}x{height} is smaller than min_size={min_size}"))
             continue
-        if writer is None or summary.counts[-1] == samples_per_shard:
-            if writer is not None:
-                writer.close()
-            writer = wds.TarWriter(str(out_dir / f"shard-{len(summary.shards):06d}.tar"), mtime=0)
-            summary.shards.append(f"shard-{len(summary.shards):06d}.tar")
-            summary.counts.append(0)
         buffer = io.BytesIO()
         Image.fromarray(degraded).save(buffer, format="PNG")
         meta = {"source": rel, "task": task, "label": TASKS.index(task), "height": height, "width": width,
                 "synthetic": degraded_path is None, "seed": None if degraded_path else sample_seed}
-        writer.write({"__key__": f"{summary.written:08d}", f"clean.{clean_ext}": clean_bytes,
-                      "degraded.png": buffer.getvalue(), "json": json.dumps(meta).encode()})
-        summary.counts[-1] += 1
-    if writer is not None:
-        writer.close()
-    if not summary.shards:
-        raise ValueError(f"no usable pairs in {src_dir} ({len(summary.skipped)} skipped)")
-    index = {"shards": [{"name": n, "samples": c} for n, c in zip(summary.shards, summary.counts)],
-             "tasks": list(TASKS)}
-    atomic_write_text(out_dir / INDEX, json.dumps(index, indent=1) + "\n")
-    return summary
+        sink.write({f"clean.{clean_ext}": clean_bytes, "degraded.png": buffer.getvalue(),
+                    "json": json.dumps(meta).encode()})
+    return sink.close(src_dir, tasks=list(TASKS))
 
 
 def _pair_jobs(src_dir: Path, tasks: list[str], real_pairs: tuple[str, str, str] | None):

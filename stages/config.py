@@ -126,7 +126,10 @@ def describe(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
         if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
             rows.extend(describe(f.default_factory, key + "."))
             continue
-        default = "(required)" if f.default is dataclasses.MISSING or f.default == "???" else repr(f.default)
+        if f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)" if f.default is dataclasses.MISSING or f.default == "???" else repr(f.default)
         rows.append((key, default, docs.get(f.name, "")))
     return rows
 

@@ -12,8 +12,8 @@ from pl_modules.codecs import ARCHITECTURES, build_codec, load_codec_weights, sa
 from pl_modules.schedules import SCHEDULES
 from stages.config import ConfigError, StageConfig, to_dict, to_yaml
 from stages.manifest import Manifest, manifest_path, read_manifest, write_final
-from stages.provenance import git_commit, write_provenance
-from stages.trainer import build_trainer, last_checkpoint
+from stages.provenance import git_commit
+from stages.trainer import last_checkpoint, train_stage
 
 STAGE = "stage1"
 WEIGHTS = "codec.safetensors"
@@ -79,18 +79,10 @@ def run(cfg: Stage1Config) -> Path:
     stage_dir = cfg.stage_dir
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     module = CodecModule(cfg)
-    resume = last_checkpoint(stage_dir)
     parent = check_parent(cfg.codec, cfg.init_from) if cfg.init_from else None
-    if parent and resume is None:
+    if parent and last_checkpoint(stage_dir) is None:
         load_codec_weights(module.codec, manifest_path(cfg.init_from).parent / WEIGHTS)
-    trainer = build_trainer(cfg.trainer, stage_dir)
-    if trainer.is_global_zero:
-        write_provenance(stage_dir, cfg)
-    datamodule = CodecDataModule(cfg.data, cfg.trainer.seed)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
-    if module.validated_at_step != trainer.global_step:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-    metrics = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    trainer, metrics = train_stage(cfg, module, CodecDataModule(cfg.data, cfg.trainer.seed))
     final = stage_dir / "final"
     if trainer.is_global_zero:
         manifest = Manifest(stage=STAGE, codec=to_dict(cfg.codec), lmbda=cfg.lmbda, distortion=cfg.distortion,

@@ -15,9 +15,9 @@ from pl_modules.llicm_module import LLICMModule
 from stages import stage1
 from stages.config import ConfigError, StageConfig, to_dict, to_yaml
 from stages.manifest import Manifest, manifest_path, write_final
-from stages.provenance import git_commit, write_provenance
+from stages.provenance import git_commit
 from stages.stage1 import CodecConfig
-from stages.trainer import build_trainer, last_checkpoint
+from stages.trainer import last_checkpoint, train_stage
 
 STAGE = "stage2-llicm"
 CONTROLLER_FILE = "controller.safetensors"
@@ -64,17 +64,9 @@ def run(cfg: Stage2LLICMConfig) -> Path:
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     parent = stage1.check_parent(cfg.codec, cfg.init_from)
     module = LLICMModule(cfg)
-    resume = last_checkpoint(stage_dir)
-    if resume is None:
+    if last_checkpoint(stage_dir) is None:
         load_codec_weights(module.codec, manifest_path(cfg.init_from).parent / stage1.WEIGHTS)
-    trainer = build_trainer(cfg.trainer, stage_dir)
-    if trainer.is_global_zero:
-        write_provenance(stage_dir, cfg)
-    datamodule = PairDataModule(cfg.data, cfg.trainer.seed)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
-    if module.validated_at_step != trainer.global_step:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-    metrics = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    trainer, metrics = train_stage(cfg, module, PairDataModule(cfg.data, cfg.trainer.seed))
     final = stage_dir / "final"
     if trainer.is_global_zero:
         module = module.cpu()

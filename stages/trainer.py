@@ -52,6 +52,21 @@ def build_trainer(cfg: TrainerConfig, stage_dir: str | Path) -> L.Trainer:
     )
 
 
+def train_stage(cfg, module: L.LightningModule, datamodule: L.LightningDataModule) -> tuple[L.Trainer, dict]:
+    """Fit (resuming from the stage's last.ckpt when there is one), validate the final weights if the
+    last validation was not at the last step, and return the trainer and the ``val/`` metrics."""
+    from stages.provenance import write_provenance
+
+    stage_dir = cfg.stage_dir
+    trainer = build_trainer(cfg.trainer, stage_dir)
+    if trainer.is_global_zero:
+        write_provenance(stage_dir, cfg)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(stage_dir))
+    if module.validated_at_step != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    return trainer, {k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+
 def last_checkpoint(stage_dir: str | Path) -> Path | None:
     path = Path(stage_dir) / LAST
     return path if path.is_file() else None

@@ -13,6 +13,7 @@ from conftest import tiny_stage1
 from datamodules.images import list_images, load_rgb, to_tensor, to_uint8
 from pl_modules.bitstream import decode_image, encode_image
 from stages import stage1
+from stages import trainer as trainer_module
 from stages.manifest import ManifestError, read_manifest
 from train import main
 
@@ -69,18 +70,18 @@ def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tmp_
     straight = stage1.run(tiny_stage1(tmp_path / "a", shard_dir, eval_dir, *overrides))
 
     cfg = tiny_stage1(tmp_path / "b", shard_dir, eval_dir, *overrides)
-    build = stage1.build_trainer
+    build = trainer_module.build_trainer
 
     def crashing_trainer(*args, **kwargs):
         trainer = build(*args, **kwargs)
         trainer.callbacks.insert(0, CrashAt(10))
         return trainer
 
-    monkeypatch.setattr(stage1, "build_trainer", crashing_trainer)
+    monkeypatch.setattr(trainer_module, "build_trainer", crashing_trainer)
     with pytest.raises(RuntimeError, match="simulated crash"):
         stage1.run(cfg)
     assert torch.load(cfg.stage_dir / "last.ckpt", weights_only=False)["global_step"] == 8
-    monkeypatch.setattr(stage1, "build_trainer", build)
+    monkeypatch.setattr(trainer_module, "build_trainer", build)
     resumed = stage1.run(cfg)
 
     a, b = load_file(straight / "codec.safetensors"), load_file(resumed / "codec.safetensors")
