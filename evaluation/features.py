@@ -1,7 +1,8 @@
 """Feature-space fidelity: what a frozen vision model sees in a reconstruction.
 
-- Machine-task fidelity (Diff-ICMH): for a classifier backbone, layer-wise cosine similarity of
-  the features of original and reconstruction, and top-1 agreement of their predictions.
+- Machine-task fidelity (Diff-ICMH): for a classifier backbone (torchvision or transformers),
+  layer-wise cosine similarity of the features of original and reconstruction, and top-1
+  agreement of their predictions.
 - CLIP: image-embedding cosine similarity (full-reference) and CLIP-IQA (no-reference: softmax of
   the similarity to "Good photo." against "Bad photo.").
 
@@ -53,6 +54,34 @@ class TorchvisionFidelity:
         return out
 
 
+class TransformersFidelity:
+    """``hf:<hub id or folder>``: an image classifier through transformers, local files only."""
+
+    def __init__(self, spec: str):
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        source = spec.split(":", 1)[1]
+        self.name = Path(source).name or source
+        try:
+            self.model = AutoModelForImageClassification.from_pretrained(source, local_files_only=True).eval()
+            self.processor = AutoImageProcessor.from_pretrained(source, local_files_only=True)
+        except OSError as err:
+            raise Unavailable(f"'{source}' is not available locally ({str(err).splitlines()[0][:120]})")
+
+    @torch.no_grad()
+    def _run(self, x: torch.Tensor):
+        pixels = self.processor(images=list(x.clamp(0, 1)), return_tensors="pt", do_rescale=False)["pixel_values"]
+        out = self.model(pixel_values=pixels, output_hidden_states=True)
+        return out.hidden_states, out.logits
+
+    def __call__(self, x_hat: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
+        (ours, logits_hat), (theirs, logits) = self._run(x_hat), self._run(x)
+        out = {f"task/{self.name}/cos/hidden{i}": F.cosine_similarity(a.flatten(1), b.flatten(1)).item()
+               for i, (a, b) in enumerate(zip(ours, theirs))}
+        out[f"task/{self.name}/top1_agreement"] = float((logits_hat.argmax(1) == logits.argmax(1)).item())
+        return out
+
+
 class ClipFidelity:
     """A CLIP model (hub id or local folder) through transformers, local files only."""
 
@@ -91,10 +120,14 @@ class ClipFidelity:
 def build(task_backbones: list[str], clip_model: str) -> tuple[list[Callable], dict[str, str]]:
     """The feature measures that can run here, and the reasons of those that cannot."""
     measures, unavailable = [], {}
-    specs = [(spec, TorchvisionFidelity) for spec in task_backbones] + ([(clip_model, ClipFidelity)] if clip_model else [])
+    kinds = {"torchvision": TorchvisionFidelity, "hf": TransformersFidelity}
+    specs = []
+    for spec in task_backbones:
+        if spec.split(":", 1)[0] not in kinds or ":" not in spec:
+            raise ValueError(f"task backbone '{spec}' must be 'torchvision:<model name>' or 'hf:<hub id or folder>'")
+        specs.append((spec, kinds[spec.split(":", 1)[0]]))
+    specs += [(clip_model, ClipFidelity)] if clip_model else []
     for spec, kind in specs:
-        if kind is TorchvisionFidelity and not spec.startswith("torchvision:"):
-            raise ValueError(f"task backbone '{spec}' must be 'torchvision:<model name>'")
         try:
             measures.append(kind(spec))
         except Unavailable as err:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from datamodules.images import list_images, load_rgb, to_tensor
-from evaluation.metrics import METRICS, availability
+from evaluation.features import ClipFidelity
+from evaluation.metrics import METRICS, Unavailable, availability
 
 
 @dataclass
@@ -17,7 +19,8 @@ class JudgeConfig:
     dataset: str = "???"
     """A 2AFC folder in BAPPS layout: ref/, p0/, p1/, judge/ (same file stems)."""
     judges: list[str] = field(default_factory=lambda: ["psnr", "ms-ssim", "gmsd", "vif", "haarpsi", "lpips", "dists"])
-    """Full-reference metrics as judges; one unavailable here is skipped with the reason."""
+    """Judges: full-reference metric names, or 'clip:<hub id or folder>' (the side whose CLIP embedding
+    is closer to the reference's wins); one unavailable here is skipped with the reason."""
     bootstrap: int = 1000
     """Bootstrap resamples of the pairs for the 95 % confidence interval."""
     seed: int = 0
@@ -38,13 +41,41 @@ def load_pairs(folder: str | Path) -> list[dict]:
     return pairs
 
 
-def prefers_p1(judge: str, ref: torch.Tensor, p0: torch.Tensor, p1: torch.Tensor) -> float:
-    """1 when the judge finds p1 closer to the reference, 0 for p0, 0.5 for a tie."""
-    metric = METRICS[judge]
-    s0, s1 = metric.compute(p0, ref), metric.compute(p1, ref)
-    if s0 == s1:
-        return 0.5
-    return float((s1 < s0) if metric.lower_is_better else (s1 > s0))
+def metric_judge(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], float]:
+    metric = METRICS[name]
+
+    def judge(ref: torch.Tensor, p0: torch.Tensor, p1: torch.Tensor) -> float:
+        s0, s1 = metric.compute(p0, ref), metric.compute(p1, ref)
+        return 0.5 if s0 == s1 else float((s1 < s0) if metric.lower_is_better else (s1 > s0))
+    return judge
+
+
+def clip_judge(name_or_path: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], float]:
+    clip = ClipFidelity(name_or_path)
+
+    def judge(ref: torch.Tensor, p0: torch.Tensor, p1: torch.Tensor) -> float:
+        ref_e, e0, e1 = clip.embed(ref), clip.embed(p0), clip.embed(p1)
+        s0, s1 = (ref_e * e0).sum().item(), (ref_e * e1).sum().item()
+        return 0.5 if s0 == s1 else float(s1 > s0)
+    return judge
+
+
+def build_judges(names: list[str]) -> tuple[dict[str, Callable], dict[str, str]]:
+    """name → judge(ref, p0, p1) giving 1 when it prefers p1, 0 for p0, 0.5 for a tie; and the
+    reasons of the judges that cannot run here."""
+    judges, unavailable = {}, {}
+    metric_names = [n for n in names if not n.startswith("clip:")]
+    for name, why in availability(metric_names).items():
+        if why:
+            unavailable[name] = why
+        else:
+            judges[name] = metric_judge(name)
+    for name in (n for n in names if n.startswith("clip:")):
+        try:
+            judges[name] = clip_judge(name.split(":", 1)[1])
+        except Unavailable as err:
+            unavailable[name] = str(err)
+    return judges, unavailable
 
 
 def agreement(judge_prefs: np.ndarray, human: np.ndarray) -> float:
@@ -62,13 +93,13 @@ def bootstrap_interval(judge_prefs: np.ndarray, human: np.ndarray, resamples: in
 def run(cfg: JudgeConfig) -> dict[str, dict]:
     pairs = load_pairs(cfg.dataset)
     human = np.array([p["human"] for p in pairs])
+    judges, unavailable = build_judges(cfg.judges)
     results = {}
-    for judge, why in availability(cfg.judges).items():
-        if why:
-            results[judge] = {"unavailable": why}
-            print(f"{judge:<10} unavailable: {why}")
-            continue
-        prefs = np.array([prefers_p1(judge, *(to_tensor(load_rgb(p[k])).unsqueeze(0) for k in ("ref", "p0", "p1")))
+    for judge, why in unavailable.items():
+        results[judge] = {"unavailable": why}
+        print(f"{judge:<10} unavailable: {why}")
+    for judge, prefers_p1 in judges.items():
+        prefs = np.array([prefers_p1(*(to_tensor(load_rgb(p[k])).unsqueeze(0) for k in ("ref", "p0", "p1")))
                           for p in pairs])
         score = agreement(prefs, human)
         low, high = bootstrap_interval(prefs, human, cfg.bootstrap, cfg.seed)

@@ -89,7 +89,48 @@ def _brisque_unavailable() -> Optional[str]:
     return None
 
 
+def _pyiqa(name: str) -> Callable[[torch.Tensor], float]:
+    def compute(x_hat: torch.Tensor) -> float:
+        return float(_pyiqa_model(name)(x_hat.clamp(0, 1)).item())
+    return compute
+
+
+@cache
+def _pyiqa_model(name: str):
+    import pyiqa
+
+    return pyiqa.create_metric(name, device="cpu", as_loss=False)
+
+
+def _pyiqa_unavailable(*needed: Callable[[], Optional[str]]) -> Callable[[], Optional[str]]:
+    """pyiqa (the optional ``iqa`` extra) must be importable and every weight file already present."""
+    def check() -> Optional[str]:
+        try:
+            import pyiqa  # noqa: F401
+        except ImportError:
+            return "needs pyiqa (pip install '.[iqa]') and its weights"
+        reasons = [why for why in (check() for check in needed) if why]
+        return "; ".join(reasons) or None
+    return check
+
+
+def local_file(path: Path) -> Callable[[], Optional[str]]:
+    return lambda: None if path.is_file() else f"needs weights {path}"
+
+
+def hf_cached(repo: str) -> Callable[[], Optional[str]]:
+    def check() -> Optional[str]:
+        from huggingface_hub import try_to_load_from_cache
+
+        return None if isinstance(try_to_load_from_cache(repo, "config.json"), str) else f"needs {repo} in the HF cache"
+    return check
+
+
 VGG16 = "vgg16-397923af.pth"
+# LIQE: pyiqa's KonIQ-trained weights plus OpenAI's CLIP ViT-B/32; Q-Align: the q-future/one-align model.
+LIQE = _pyiqa_unavailable(lambda: local_file(Path(torch.hub.get_dir()) / "pyiqa" / "liqe_koniq.pt")(),
+                          lambda: local_file(Path.home() / ".cache" / "clip" / "ViT-B-32.pt")())
+QALIGN = _pyiqa_unavailable(lambda: hf_cached("q-future/one-align")())
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("psnr", psnr),
     Metric("ms-ssim", _ms_ssim),
@@ -99,6 +140,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("lpips", _piq_loss("LPIPS"), lower_is_better=True, unavailable=hub_weights(VGG16, "lpips_weights.pt")),
     Metric("dists", _piq_loss("DISTS"), lower_is_better=True, unavailable=hub_weights(VGG16, "dists_weights.pt")),
     Metric("brisque", _brisque, reference=False, lower_is_better=True, unavailable=_brisque_unavailable),
+    Metric("liqe", _pyiqa("liqe"), reference=False, unavailable=LIQE),
+    Metric("qalign", _pyiqa("qalign"), reference=False, unavailable=QALIGN),
 )}
 
 

@@ -41,6 +41,9 @@ class DiffusionPriorConfig:
     """Encode/decode images larger than this many pixels in overlapping tiles (0: never tile)."""
     sample_steps: int = 4
     """DDIM steps when sampling; few-step models (sd-turbo) need 1–4."""
+    frozen_dtype: str = "float32"
+    """Store the frozen VAE and UNet weights in float32 or bfloat16 (needs bf16-mixed precision);
+    bfloat16 cut LoRA training memory by a third on an H200 (docs/benchmarks.md). Trained weights stay float32."""
 
 
 class DiffusionPrior(nn.Module):
@@ -63,6 +66,14 @@ class DiffusionPrior(nn.Module):
             self.vae.tile_latent_min_size = cfg.vae_tile // self.vae_scale
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        if cfg.frozen_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"prior.frozen_dtype must be float32 or bfloat16, got '{cfg.frozen_dtype}'")
+        if cfg.frozen_dtype == "bfloat16":
+            self.vae.to(torch.bfloat16)
+            self.unet.to(torch.bfloat16)
+            for name, param in self.unet.named_parameters():
+                if _is_trained(name):
+                    param.data = param.data.float()
 
     def _add_lora(self) -> None:
         from peft import LoraConfig
@@ -80,10 +91,7 @@ class DiffusionPrior(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """LoRA weights and the conv_in (whose new channels start at zero); all else stays frozen."""
-        params = [p for n, p in self.unet.named_parameters() if "lora_" in n]
-        if self.cfg.condition_channels:
-            self.unet.conv_in.requires_grad_(True)
-            params += list(self.unet.conv_in.parameters())
+        params = [p for n, p in self.unet.named_parameters() if _is_trained(n, self.cfg.condition_channels > 0)]
         for p in params:
             p.requires_grad_(True)
         return params
@@ -150,6 +158,10 @@ class DiffusionPrior(nn.Module):
             set_peft_model_state_dict(self.unet, state)
         if self.cfg.condition_channels:
             self.unet.conv_in.load_state_dict(load_file(str(folder / CONV_IN_FILE)), strict=True)
+
+
+def _is_trained(unet_parameter: str, conv_in: bool = True) -> bool:
+    return "lora_" in unet_parameter or (conv_in and unet_parameter.startswith("conv_in."))
 
 
 def expand_conv_in(unet: nn.Module, extra: int) -> None:

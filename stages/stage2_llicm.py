@@ -55,6 +55,8 @@ class Stage2LLICMConfig(StageConfig):
     def __post_init__(self) -> None:
         if not self.init_from:
             raise ConfigError("init_from must name a stage-1 final/ (stage 2 starts from a trained codec)")
+        if self.prior.frozen_dtype == "bfloat16" and self.trainer.precision != "bf16-mixed":
+            raise ConfigError("prior.frozen_dtype=bfloat16 needs trainer.precision=bf16-mixed")
         if self.prior.condition_channels != 4:
             raise ConfigError("prior.condition_channels must be 4: the decoded image conditions the UNet as a latent")
 

@@ -129,3 +129,19 @@ def test_tiled_vae_decodes_a_1k_image_in_a_fraction_of_the_memory(tiny_folder):
 
     whole, tiled = peak_kib(0), peak_kib(128)
     assert tiled < 0.4 * whole, (tiled, whole)
+
+
+def test_frozen_weights_in_bfloat16_train_fp32_adapters_under_autocast(tiny_folder):
+    model = prior(tiny_folder, frozen_dtype="bfloat16", gradient_checkpointing=False)
+    params = model.trainable_parameters()
+    assert params and all(p.dtype == torch.float32 for p in params)
+    assert model.vae.encoder.conv_in.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for n, p in model.unet.named_parameters()
+               if "lora_" not in n and not n.startswith("conv_in."))
+    noisy, t, condition, context = inputs()
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = (model.denoise(noisy, t, condition, context).float() - noisy).pow(2).mean()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        prior(tiny_folder, frozen_dtype="float16")

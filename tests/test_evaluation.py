@@ -43,6 +43,8 @@ def test_metrics_without_their_weights_are_unavailable_with_the_reason(tmp_path,
     assert "dists_weights.pt" in reasons["dists"]
     with pytest.raises(ValueError, match="unknown metrics"):
         metrics.availability(["psnr", "flip"])
+    no_reference = metrics.availability(["liqe", "qalign"])
+    assert all(why and ("pyiqa" in why or "needs" in why) for why in no_reference.values())
 
 
 def test_offline_metrics_rank_a_mild_distortion_above_a_strong_one(photo):
@@ -120,6 +122,19 @@ def test_judge_agreement_matches_hand_computed_2afc_scores(tmp_path, photo_dir):
     flipped = judge.run(JudgeConfig(dataset=str(tmp_path / "flipped"), judges=["psnr"], bootstrap=50))
     assert flipped["psnr"]["agreement"] == pytest.approx(0.9)  # the judge now prefers p1, as do 90 % of people
     assert judge.agreement(np.array([1.0, 0.0, 0.5]), np.array([1.0, 1.0, 0.5])) == pytest.approx((1 + 0 + 0.5) / 3)
+
+
+def test_a_clip_judge_runs_through_from_pretrained_and_a_missing_one_is_unavailable(tmp_path, photo_dir):
+    from pl_modules.tiny_models import save_tiny_clip
+
+    make_bapps(tmp_path / "set", photo_dir, count=4, flip=True)
+    for ref in (tmp_path / "set" / "ref").iterdir():  # p1 is the reference itself: any CLIP must prefer it
+        (tmp_path / "set" / "p1" / ref.name).write_bytes(ref.read_bytes())
+    clip = save_tiny_clip(tmp_path / "clip")
+    results = judge.run(JudgeConfig(dataset=str(tmp_path / "set"), judges=[f"clip:{clip}", "clip:/no/such/clip"],
+                                    bootstrap=20))
+    assert results[f"clip:{clip}"]["agreement"] == pytest.approx(0.9)
+    assert "not available locally" in results["clip:/no/such/clip"]["unavailable"]
 
 
 def test_judge_set_with_a_missing_side_is_refused(tmp_path, photo_dir):

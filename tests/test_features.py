@@ -79,3 +79,23 @@ def test_evaluate_reports_feature_fidelity_per_method(hub, tiny_clip, trained_ru
         results = curves[method]["results"]
         assert {"clip_similarity", "clip_iqa", "task/resnet18/top1_agreement", "task/resnet18/cos/layer4"} <= set(results)
         assert all(0 <= v <= 1.0001 for v in results["clip_similarity"])
+
+
+def test_transformers_classifier_fidelity_through_from_pretrained(tmp_path, images):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, num_labels=10)
+    ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
+    (fidelity,), unavailable = features.build([f"hf:{tmp_path / 'vit'}"], "")
+    x, noisy = images
+    same, other = fidelity(x, x), fidelity(noisy, x)
+    assert unavailable == {} and same["task/vit/top1_agreement"] == 1.0
+    assert same["task/vit/cos/hidden2"] == pytest.approx(1.0, abs=1e-5)
+    assert other["task/vit/cos/hidden2"] < same["task/vit/cos/hidden2"]
+    _, missing = features.build([f"hf:{tmp_path / 'nothing'}"], "")
+    assert "not available locally" in missing[f"hf:{tmp_path / 'nothing'}"]
+    with pytest.raises(ValueError, match="torchvision:<model name>"):
+        features.build(["timm:resnet50"], "")
