@@ -40,8 +40,8 @@ class EvaluateConfig:
                                                         "dists", "brisque"])
     """Metrics per image; one whose weights are absent is reported unavailable and skipped."""
     task_backbones: list[str] = field(default_factory=list)
-    """Machine-task fidelity backbones: 'torchvision:<name>' (weights from torch hub's cache) or
-    'hf:<hub id or folder>' (a transformers image classifier, local files only)."""
+    """Machine-task fidelity backbones: 'torchvision:<name>' (weights from torch hub's cache),
+    'timm:<name>' (HF cache) or 'timm:<name>=<weights file>', 'hf:<hub id or folder>' (transformers)."""
     clip_model: str = ""
     """CLIP (hub id or local folder) for embedding similarity and CLIP-IQA; empty: none."""
     fid_kid: bool = True

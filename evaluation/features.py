@@ -1,13 +1,14 @@
 """Feature-space fidelity: what a frozen vision model sees in a reconstruction.
 
-- Machine-task fidelity (Diff-ICMH): for a classifier backbone (torchvision or transformers),
+- Machine-task fidelity (Diff-ICMH): for a classifier backbone (torchvision, timm or transformers),
   layer-wise cosine similarity of the features of original and reconstruction, and top-1
   agreement of their predictions.
 - CLIP: image-embedding cosine similarity (full-reference) and CLIP-IQA (no-reference: softmax of
   the similarity to "Good photo." against "Bad photo.").
 
 Backbones load through their libraries' real paths, from local weights only: torchvision weights
-from torch hub's cache, transformers models from a local folder or the HF cache. Absent weights
+from torch hub's cache, timm weights from the HF cache or a file, transformers models from a local
+folder or the HF cache. Absent weights
 make the measure unavailable, with the reason.
 """
 from __future__ import annotations
@@ -50,6 +51,44 @@ class TorchvisionFidelity:
         (ours, logits_hat), (theirs, logits) = self._run(x_hat), self._run(x)
         out = {f"task/{self.name}/cos/{layer}": F.cosine_similarity(ours[layer].flatten(1), theirs[layer].flatten(1)).item()
                for layer in ours}
+        out[f"task/{self.name}/top1_agreement"] = float((logits_hat.argmax(1) == logits.argmax(1)).item())
+        return out
+
+
+class TimmFidelity:
+    """``timm:<name>`` with weights from the HF cache, or ``timm:<name>=<weights file>``; images are
+    resized to the model's input size, as it classifies them."""
+
+    def __init__(self, spec: str):
+        import timm
+
+        self.name, _, weights = spec.split(":", 1)[1].partition("=")
+        if weights and not Path(weights).is_file():
+            raise Unavailable(f"weights file {weights} does not exist")
+        if not weights:
+            from huggingface_hub import try_to_load_from_cache
+
+            hub_id = timm.models.get_pretrained_cfg(self.name).hf_hub_id
+            cached = [try_to_load_from_cache(hub_id, f) for f in ("model.safetensors", "pytorch_model.bin")] if hub_id else []
+            if not any(isinstance(c, str) for c in cached):
+                raise Unavailable(f"needs timm weights {hub_id or self.name} in the HF cache (or timm:{self.name}=FILE)")
+        overlay = {"file": weights} if weights else None
+        self.model = timm.create_model(self.name, pretrained=True, pretrained_cfg_overlay=overlay).eval()
+        config = self.model.pretrained_cfg
+        self.size = tuple(config["input_size"][1:])
+        self.mean = torch.tensor(config["mean"]).view(1, 3, 1, 1)
+        self.std = torch.tensor(config["std"]).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def _run(self, x: torch.Tensor):
+        pixels = F.interpolate(x.clamp(0, 1), size=self.size, mode="bicubic", align_corners=False)
+        final, intermediates = self.model.forward_intermediates((pixels - self.mean) / self.std)
+        return intermediates, self.model.forward_head(final)
+
+    def __call__(self, x_hat: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
+        (ours, logits_hat), (theirs, logits) = self._run(x_hat), self._run(x)
+        out = {f"task/{self.name}/cos/stage{i}": F.cosine_similarity(a.flatten(1), b.flatten(1)).item()
+               for i, (a, b) in enumerate(zip(ours, theirs))}
         out[f"task/{self.name}/top1_agreement"] = float((logits_hat.argmax(1) == logits.argmax(1)).item())
         return out
 
@@ -120,11 +159,12 @@ class ClipFidelity:
 def build(task_backbones: list[str], clip_model: str) -> tuple[list[Callable], dict[str, str]]:
     """The feature measures that can run here, and the reasons of those that cannot."""
     measures, unavailable = [], {}
-    kinds = {"torchvision": TorchvisionFidelity, "hf": TransformersFidelity}
+    kinds = {"torchvision": TorchvisionFidelity, "timm": TimmFidelity, "hf": TransformersFidelity}
     specs = []
     for spec in task_backbones:
         if spec.split(":", 1)[0] not in kinds or ":" not in spec:
-            raise ValueError(f"task backbone '{spec}' must be 'torchvision:<model name>' or 'hf:<hub id or folder>'")
+            raise ValueError(f"task backbone '{spec}' must be 'torchvision:<model name>', 'timm:<model name>[=FILE]' "
+                             "or 'hf:<hub id or folder>'")
         specs.append((spec, kinds[spec.split(":", 1)[0]]))
     specs += [(clip_model, ClipFidelity)] if clip_model else []
     for spec, kind in specs:

@@ -98,4 +98,28 @@ def test_transformers_classifier_fidelity_through_from_pretrained(tmp_path, imag
     _, missing = features.build([f"hf:{tmp_path / 'nothing'}"], "")
     assert "not available locally" in missing[f"hf:{tmp_path / 'nothing'}"]
     with pytest.raises(ValueError, match="torchvision:<model name>"):
-        features.build(["timm:resnet50"], "")
+        features.build(["keras:resnet50"], "")
+
+
+def test_timm_fidelity_loads_a_weights_file_through_timm_and_reports_missing_ones(tmp_path, images):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    save_file(timm.create_model("resnet18").state_dict(), str(tmp_path / "r18.safetensors"))
+    (fidelity,), _ = features.build([f"timm:resnet18={tmp_path / 'r18.safetensors'}"], "")
+    x, noisy = images
+    same, other = fidelity(x, x), fidelity(noisy, x)
+    assert same["task/resnet18/top1_agreement"] == 1.0 and same["task/resnet18/cos/stage4"] == pytest.approx(1.0)
+    assert other["task/resnet18/cos/stage1"] < 0.99
+    _, unavailable = features.build([f"timm:resnet18={tmp_path / 'none.safetensors'}"], "")
+    assert "does not exist" in unavailable[f"timm:resnet18={tmp_path / 'none.safetensors'}"]
+
+
+def test_timm_without_cached_weights_is_unavailable(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    _, unavailable = features.build(["timm:resnet18"], "")
+    assert "in the HF cache" in unavailable["timm:resnet18"]
