@@ -41,6 +41,8 @@ class DiffusionPriorConfig:
     """Encode/decode images larger than this many pixels in overlapping tiles (0: never tile)."""
     sample_steps: int = 4
     """DDIM steps when sampling; few-step models (sd-turbo) need 1–4."""
+    text_encoder: bool = False
+    """Also load the frozen text encoder and tokenizer (text_encoder/, tokenizer/), for prompt tokens."""
     frozen_dtype: str = "float32"
     """Store the frozen VAE and UNet weights in float32 or bfloat16 (needs bf16-mixed precision);
     bfloat16 cut LoRA training memory by a third on an H200 (docs/benchmarks.md). Trained weights stay float32."""
@@ -56,6 +58,12 @@ class DiffusionPrior(nn.Module):
         self.vae = AutoencoderKL.from_pretrained(cfg.model, subfolder="vae", **load).requires_grad_(False)
         self.unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **load).requires_grad_(False)
         self.scheduler = DDIMScheduler.from_pretrained(cfg.model, subfolder="scheduler", **load)
+        if cfg.text_encoder:
+            from transformers import CLIPTextModel, CLIPTokenizer
+
+            self.text_model = CLIPTextModel.from_pretrained(cfg.model, subfolder="text_encoder", **load)
+            self.text_model.requires_grad_(False).eval()
+            self.tokenizer = CLIPTokenizer.from_pretrained(cfg.model, subfolder="tokenizer", **load)
         if cfg.condition_channels:
             expand_conv_in(self.unet, cfg.condition_channels)
         if cfg.lora_rank:
@@ -95,6 +103,14 @@ class DiffusionPrior(nn.Module):
         for p in params:
             p.requires_grad_(True)
         return params
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """Cross-attention tokens of prompts (B×77×D), as Stable Diffusion's pipelines make them."""
+        length = self.text_model.config.max_position_embeddings
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=length,
+                                truncation=True, return_tensors="pt").input_ids.to(self.text_model.device)
+        return self.text_model(tokens).last_hidden_state
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] → scaled latents (the posterior mean: deterministic)."""

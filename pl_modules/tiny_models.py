@@ -9,15 +9,12 @@ from pathlib import Path
 def save_tiny_clip(folder: str | Path, image_size: int = 32, seed: int = 0) -> Path:
     """A CLIP with a 2-layer text and vision tower and a character-level BPE tokenizer."""
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    chars = _byte_symbols()
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    tokenizer = tiny_clip_tokenizer()
+    vocab = tokenizer.get_vocab()
     # projection_dim inside each tower too: CLIPVisionModelWithProjection reads the vision config alone.
     tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=16)
     specials = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
@@ -32,6 +29,17 @@ def save_tiny_clip(folder: str | Path, image_size: int = 32, seed: int = 0) -> P
     return folder
 
 
+def tiny_clip_tokenizer():
+    """A character-level byte-BPE CLIP tokenizer (no merges) over the 256 byte symbols."""
+    from transformers import CLIPTokenizer
+
+    chars = _byte_symbols()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
 def _byte_symbols() -> list[str]:
     """The 256 printable symbols byte-level BPE uses for the bytes 0–255 (GPT-2's mapping)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -40,11 +48,13 @@ def _byte_symbols() -> list[str]:
 
 
 def save_tiny_diffusion(folder: str | Path, cross_attention_dim: int = 32, seed: int = 0) -> Path:
-    """A latent-diffusion folder in diffusers' layout (vae/, unet/, scheduler/) with Stable
+    """A latent-diffusion folder in diffusers' layout (vae/, unet/, scheduler/, text_encoder/,
+    tokenizer/) with Stable
     Diffusion's structure — 8× VAE downsampling, 4 latent channels, cross-attention UNet, SD's
     noise schedule — at a size a CPU trains in seconds."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     folder = Path(folder)
     torch.manual_seed(seed)
@@ -58,4 +68,11 @@ def save_tiny_diffusion(folder: str | Path, cross_attention_dim: int = 32, seed:
     DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                   clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                   prediction_type="epsilon").save_pretrained(folder / "scheduler")
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer.save_pretrained(folder / "tokenizer")
+    vocab = tokenizer.get_vocab()
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=cross_attention_dim, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                 bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                                 pad_token_id=vocab["<|endoftext|>"])).save_pretrained(folder / "text_encoder")
     return folder

@@ -145,3 +145,15 @@ def test_frozen_weights_in_bfloat16_train_fp32_adapters_under_autocast(tiny_fold
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         prior(tiny_folder, frozen_dtype="float16")
+
+
+def test_the_frozen_text_encoder_gives_prompt_tokens_for_cross_attention(tiny_folder):
+    model = prior(tiny_folder, text_encoder=True)
+    tokens = model.encode_text(["a photo of rain", ""])
+    assert tokens.shape == (2, 77, model.unet.config.cross_attention_dim)
+    assert not torch.allclose(tokens[0], tokens[1])
+    assert not any(p.requires_grad for p in model.text_model.parameters())
+    _, t, condition, _ = inputs()
+    noisy = torch.randn_like(condition)
+    with torch.no_grad():
+        assert model.denoise(noisy, t, condition, tokens).shape == noisy.shape
