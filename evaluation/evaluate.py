@@ -46,6 +46,12 @@ class EvaluateConfig:
     """CLIP (hub id or local folder) for embedding similarity and CLIP-IQA; empty: none."""
     fid_kid: bool = True
     """FID and KID on 256-px patches (HiFiC/MS-ILLM protocol), when the Inception weights are cached."""
+    restorers: list[str] = field(default_factory=list)
+    """Stage-2 final/ folders as 'name=path'; one name's folders form one curve per task (e.g.
+    llicm=… and baseline=…, the latter trained with train_codec=false on the same codec)."""
+    tasks: list[str] = field(default_factory=lambda: ["dehaze", "denoise", "derain", "deraindrop", "deshadow",
+                                                      "inpaint"])
+    """Degradations the restorers are evaluated on (each image degraded with a seed fixed by its index)."""
     out_dir: str = "checkpoints/evaluation"
     """Where the JSONs, the CSV and the plots go."""
     workers: int = 2
@@ -70,7 +76,7 @@ def run(cfg: EvaluateConfig) -> dict[str, dict]:
     if cfg.fid_kid and not fid:
         unavailable["fid"] = unavailable["kid"] = distribution.unavailable()
     _WORKER.update(features=feature_measures, fid=fid)
-    rows = learned_rows(cfg, images, metrics)
+    rows = learned_rows(cfg, images, metrics) + restoration_rows(cfg, images, metrics)
     for codec in cfg.classical:
         why = CODECS[codec].unavailable()
         if why:
@@ -104,6 +110,36 @@ def learned_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]) ->
             rows.append({"method": cfg.models_name, "setting": manifest.lmbda, "image": path.name,
                          "bpp": 8 * len(data) / (x.shape[-2] * x.shape[-1]),
                          **measure_all(metrics, decoded, x)})
+    return rows
+
+
+def restoration_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]) -> list[dict]:
+    """Degrade, code (bpp of the degraded image's file), restore, and score against the clean image.
+    Images are centre-cropped to a multiple of 64 so that codec and VAE need no padding."""
+    from datamodules.degradations import TASKS, degrade
+    from stages.stage2_llicm import load_final
+
+    for task in cfg.tasks:
+        if task not in TASKS:
+            raise ValueError(f"unknown task '{task}'; choose from {list(TASKS)}")
+    rows = []
+    for spec in cfg.restorers:
+        name, _, folder = spec.partition("=")
+        if not folder:
+            raise ValueError(f"restorer '{spec}' must be 'name=path/to/final'")
+        model, manifest, sha = load_final(folder)
+        for seed, path in enumerate(tqdm(images, desc=f"{name} λ={manifest.lmbda}", unit="img")):
+            clean = load_rgb(path)
+            height, width = clean.shape[0] // 64 * 64, clean.shape[1] // 64 * 64
+            top, left = (clean.shape[0] - height) // 2, (clean.shape[1] - width) // 2
+            clean = clean[top: top + height, left: left + width]
+            for task in cfg.tasks:
+                degraded = to_tensor(degrade(clean, task, seed)).unsqueeze(0)
+                data = pack(encode_image(model.codec, degraded, sha))
+                restored, _ = model.restore(decode_image(model.codec, unpack(data), sha), seed)
+                rows.append({"method": f"{name}-{task}", "setting": manifest.lmbda, "image": path.name,
+                             "bpp": 8 * len(data) / (height * width),
+                             **measure_all(metrics, restored, to_tensor(clean).unsqueeze(0))})
     return rows
 
 

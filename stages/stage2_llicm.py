@@ -82,3 +82,20 @@ def run(cfg: Stage2LLICMConfig) -> Path:
         write_final(final, manifest, writers, extra_text={"config.yaml": to_yaml(cfg)})
     trainer.strategy.barrier()
     return final
+
+
+def load_final(final_dir: str | Path) -> tuple[LLICMModule, Manifest, str]:
+    """(model ready to code and restore, manifest, sha256 of its codec weights) from a stage-2 final/;
+    the pretrained prior and CLIP load from where the config names them."""
+    from safetensors.torch import load_file
+
+    from stages.config import load_config
+    from stages.manifest import read_manifest
+
+    manifest = read_manifest(final_dir, expect_stage=STAGE)
+    folder = manifest_path(final_dir).parent
+    module = LLICMModule(load_config(Stage2LLICMConfig, [folder / "config.yaml"]))
+    load_codec_weights(module.codec, folder / stage1.WEIGHTS)
+    module.prior.load_trained(folder)
+    module.controller.load_state_dict(load_file(str(folder / CONTROLLER_FILE)), strict=True)
+    return module.eval(), manifest, manifest.weights[stage1.WEIGHTS]

@@ -2,10 +2,12 @@
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from conftest import tiny_overrides
 from datamodules.shards import read_index, write_pair_shards
 from datamodules.stream import CropStream
+from evaluation.evaluate import EvaluateConfig, run
 from pl_modules.diffusion_prior import CONV_IN_FILE, LORA_FILE, DiffusionPrior
 from pl_modules.llicm_module import LLICMModule
 from pl_modules.tiny_models import save_tiny_clip, save_tiny_diffusion
@@ -71,16 +73,24 @@ def test_loss_on_a_fixed_batch_falls_and_frozen_weights_stay(models, pair_shards
             assert torch.equal(value, frozen[key]), key
 
 
-def test_stage2_chains_from_stage1_in_a_pipeline_and_hands_over_adapters_alone(models, pair_shards, eval_dir,
-                                                                               shard_dir, tmp_path):
+@pytest.fixture(scope="module")
+def chained(models, pair_shards, eval_dir, shard_dir, tmp_path_factory):
+    """stage 1 → LL-ICM (joint) and → the baseline (frozen codec), one pipeline."""
+    tmp_path = tmp_path_factory.mktemp("chain")
     spec = tmp_path / "p.yaml"
     spec.write_text(yaml.safe_dump({"run": "chain", "output_root": str(tmp_path / "runs"), "stages": [
         {"name": "codec", "kind": "stage1",
          "overrides": [*tiny_overrides(shard_dir, eval_dir), "trainer.max_steps=10", "trainer.val_every=10",
                        "data.val_max_images=1"]},
         {"name": "restore", "kind": "stage2-llicm", "init_from": "codec",
-         "overrides": stage2_overrides(models, pair_shards, eval_dir)}]}))
-    codec_final, restore_final = pipeline.run(load_config(PipelineConfig, [spec]))
+         "overrides": stage2_overrides(models, pair_shards, eval_dir)},
+        {"name": "baseline", "kind": "stage2-llicm", "init_from": "codec",
+         "overrides": [*stage2_overrides(models, pair_shards, eval_dir), "train_codec=false"]}]}))
+    return spec, tmp_path, pipeline.run(load_config(PipelineConfig, [spec]))
+
+
+def test_stage2_chains_from_stage1_in_a_pipeline_and_hands_over_adapters_alone(chained):
+    spec, tmp_path, (codec_final, restore_final, baseline_final) = chained
     manifest = read_manifest(restore_final, expect_stage="stage2-llicm")
     assert manifest.parent_weights == read_manifest(codec_final).weights
     assert set(manifest.weights) == {"codec.safetensors", LORA_FILE, CONV_IN_FILE, CONTROLLER_FILE}
@@ -97,3 +107,23 @@ def test_stage2_chains_from_stage1_in_a_pipeline_and_hands_over_adapters_alone(m
     pipeline.run(load_config(PipelineConfig, [spec]))
     ckpt = torch.load(tmp_path / "runs" / "chain" / "restore" / "last.ckpt", weights_only=False)
     assert not any(k.startswith(("prior.vae.", "clip.")) for k in ckpt["state_dict"])
+    # The baseline kept the stage-1 codec exactly; joint training changed it.
+    codec = load_file(codec_final / "codec.safetensors")
+    baseline, joint = load_file(baseline_final / "codec.safetensors"), load_file(restore_final / "codec.safetensors")
+    assert all(torch.equal(codec[k], baseline[k]) for k in codec if "g_a" in k)
+    assert not all(torch.equal(codec[k], joint[k]) for k in codec if "g_a" in k)
+
+
+def test_evaluate_scores_restorers_per_task_against_the_clean_image(chained, eval_dir, tmp_path):
+    _, _, (_, restore_final, baseline_final) = chained
+    curves = run(EvaluateConfig(images=str(eval_dir), classical=[], metrics=["psnr"], tasks=["denoise", "dehaze"],
+                                restorers=[f"llicm={restore_final}", f"baseline={baseline_final}"], max_images=1,
+                                fid_kid=False, out_dir=str(tmp_path / "out")))
+    assert set(curves) == {"llicm-denoise", "llicm-dehaze", "baseline-denoise", "baseline-dehaze"}
+    for curve in curves.values():
+        assert len(curve["results"]["bpp"]) == 1 and 0 < curve["results"]["bpp"][0] < 10
+        assert 0 < curve["results"]["psnr-rgb"][0] < 60
+    assert (tmp_path / "out" / "llicm-denoise.json").is_file()
+    with pytest.raises(ValueError, match="name=path/to/final"):
+        run(EvaluateConfig(images=str(eval_dir), classical=[], metrics=["psnr"], restorers=[str(restore_final)],
+                           fid_kid=False, out_dir=str(tmp_path / "bad")))
