@@ -50,8 +50,10 @@ class DegradedFolder(Dataset):
     def __getitem__(self, index: int) -> dict:
         seed, (path, task) = self.items[index]
         image = load_rgb(path)
-        top, left = max(0, (image.shape[0] - self.crop) // 2), max(0, (image.shape[1] - self.crop) // 2)
-        clean = image[top: top + self.crop, left: left + self.crop]
+        # A centre crop of at most val_crop, on the 64-px grid the codec and the VAE need.
+        height, width = (min(self.crop, side // 64 * 64) for side in image.shape[:2])
+        top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
+        clean = image[top: top + height, left: left + width]
         return {"degraded": to_tensor(degrade(clean, task, seed)).unsqueeze(0), "clean": to_tensor(clean).unsqueeze(0),
                 "task": torch.tensor(TASKS.index(task)), "name": f"{path.name}:{task}"}
 

@@ -117,7 +117,8 @@ class DiffusionPrior(nn.Module):
         return self.vae.encode(image * 2 - 1).latent_dist.mode() * self.latent_scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return ((self.vae.decode(latents / self.latent_scale).sample + 1) / 2).clamp(0, 1)
+        # float32 out whatever the VAE's dtype: metrics and codecs downstream expect it.
+        return ((self.vae.decode(latents / self.latent_scale).sample.float() + 1) / 2).clamp(0, 1)
 
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor | None,
                 context: torch.Tensor) -> torch.Tensor:

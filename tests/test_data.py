@@ -158,3 +158,17 @@ def test_pair_batches_crop_degraded_and_clean_at_the_same_place(tmp_path, photo_
     # Shadows only darken and inpainting only blanks: the degraded crop never exceeds the clean one
     # by more than rounding, which holds only if both were cut at the same place.
     assert (batch["degraded"] <= batch["clean"] + 1 / 255).float().mean() > 0.999
+
+
+def test_validation_pairs_are_cut_on_the_64_px_grid_even_from_small_images(tmp_path, photo_dir):
+    from datamodules.pair_data import DegradedFolder, PairDataConfig
+
+    folder = tmp_path / "val"
+    folder.mkdir()
+    Image.open(sorted(photo_dir.iterdir())[0]).convert("RGB").resize((481, 321)).save(folder / "a.png")
+    items = DegradedFolder(PairDataConfig(train_shards="unused", val_dir=str(folder), val_crop=512,
+                                          val_tasks=["denoise", "dehaze"]))
+    assert len(items) == 2
+    item = items[0]
+    assert item["clean"].shape == item["degraded"].shape == (1, 3, 320, 448)
+    assert not torch.equal(item["clean"], item["degraded"])
