@@ -55,18 +55,8 @@ def timed_stage1(overrides: list[str], warmup: int, steps: int) -> float:
                                                f"trainer.val_every={10 * (warmup + steps)}", "data.val_max_images=1",
                                                "trainer.checkpoint_every=1000000", "trainer.progress_bar=false"])
     timer = StepTimer(warmup)
-    build = trainer_module.build_trainer
-
-    def with_timer(*a, **k):
-        trainer = build(*a, **k)
-        trainer.callbacks.append(timer)
-        return trainer
-
-    trainer_module.build_trainer = with_timer
-    try:
+    with trainer_module.extra_callbacks(timer):
         stage1.run(cfg)
-    finally:
-        trainer_module.build_trainer = build
     return steps / (timer.end - timer.start)
 
 

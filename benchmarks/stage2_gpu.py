@@ -45,19 +45,9 @@ def timed_run(overrides: list[str], warmup: int, steps: int) -> tuple[float, flo
         *overrides, f"trainer.max_steps={warmup + steps}", f"trainer.val_every={10 * (warmup + steps)}",
         "trainer.checkpoint_every=1000000", "trainer.progress_bar=false"])
     timer = StepTimer(warmup)
-    build = trainer_module.build_trainer
-
-    def with_timer(*a, **k):
-        trainer = build(*a, **k)
-        trainer.callbacks.append(timer)
-        return trainer
-
-    trainer_module.build_trainer = with_timer
     torch.cuda.reset_peak_memory_stats()
-    try:
+    with trainer_module.extra_callbacks(timer):
         stage2_llicm.run(cfg)
-    finally:
-        trainer_module.build_trainer = build
     return steps / (timer.end - timer.start), torch.cuda.max_memory_allocated() / 2**30
 
 

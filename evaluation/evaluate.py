@@ -20,7 +20,7 @@ from evaluation import distribution, features
 from evaluation.classical import CODECS, code
 from evaluation.metrics import availability, measure
 from evaluation.rd import plot_rd
-from pl_modules.bitstream import decode_image, encode_image, pack, unpack
+from pl_modules.bitstream import round_trip
 
 # CompressAI's results keys for the metrics that have one.
 RESULT_KEYS = {"psnr": "psnr-rgb"}
@@ -105,8 +105,7 @@ def learned_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]) ->
         codec, manifest, sha = load_final(model)
         for path in tqdm(images, desc=f"{cfg.models_name} λ={manifest.lmbda}", unit="img"):
             x = to_tensor(load_rgb(path)).unsqueeze(0)
-            data = pack(encode_image(codec, x, sha))
-            decoded = decode_image(codec, unpack(data), sha)
+            data, decoded = round_trip(codec, x, sha)
             rows.append({"method": cfg.models_name, "setting": manifest.lmbda, "image": path.name,
                          "bpp": 8 * len(data) / (x.shape[-2] * x.shape[-1]),
                          **measure_all(metrics, decoded, x)})
@@ -135,8 +134,8 @@ def restoration_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]
             clean = clean[top: top + height, left: left + width]
             for task in cfg.tasks:
                 degraded = to_tensor(degrade(clean, task, seed)).unsqueeze(0)
-                data = pack(encode_image(model.codec, degraded, sha))
-                restored, _ = model.restore(decode_image(model.codec, unpack(data), sha), seed)
+                data, decoded = round_trip(model.codec, degraded, sha)
+                restored, _ = model.restore(decoded, seed)
                 rows.append({"method": f"{name}-{task}", "setting": manifest.lmbda, "image": path.name,
                              "bpp": 8 * len(data) / (height * width),
                              **measure_all(metrics, restored, to_tensor(clean).unsqueeze(0))})

@@ -25,6 +25,18 @@ IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
+def task_fidelity(name: str, reconstruction, original, layer_prefix: str = "") -> dict[str, float]:
+    """Per-layer cosine similarity and top-1 agreement from two (features, logits) pairs; features
+    are a dict of named layers or a sequence (then named ``<prefix><index>``)."""
+    (ours, logits_hat), (theirs, logits) = reconstruction, original
+    if not isinstance(ours, dict):
+        ours, theirs = ({f"{layer_prefix}{i}": f for i, f in enumerate(fs)} for fs in (ours, theirs))
+    out = {f"task/{name}/cos/{layer}": F.cosine_similarity(ours[layer].flatten(1), theirs[layer].flatten(1)).item()
+           for layer in ours}
+    out[f"task/{name}/top1_agreement"] = float((logits_hat.argmax(1) == logits.argmax(1)).item())
+    return out
+
+
 class TorchvisionFidelity:
     """``torchvision:<model name>`` with its default weights, from torch hub's cache."""
 
@@ -48,11 +60,7 @@ class TorchvisionFidelity:
         return {k: v for k, v in self.features.items() if v.dim() == 4}, logits
 
     def __call__(self, x_hat: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
-        (ours, logits_hat), (theirs, logits) = self._run(x_hat), self._run(x)
-        out = {f"task/{self.name}/cos/{layer}": F.cosine_similarity(ours[layer].flatten(1), theirs[layer].flatten(1)).item()
-               for layer in ours}
-        out[f"task/{self.name}/top1_agreement"] = float((logits_hat.argmax(1) == logits.argmax(1)).item())
-        return out
+        return task_fidelity(self.name, self._run(x_hat), self._run(x))
 
 
 class TimmFidelity:
@@ -86,11 +94,7 @@ class TimmFidelity:
         return intermediates, self.model.forward_head(final)
 
     def __call__(self, x_hat: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
-        (ours, logits_hat), (theirs, logits) = self._run(x_hat), self._run(x)
-        out = {f"task/{self.name}/cos/stage{i}": F.cosine_similarity(a.flatten(1), b.flatten(1)).item()
-               for i, (a, b) in enumerate(zip(ours, theirs))}
-        out[f"task/{self.name}/top1_agreement"] = float((logits_hat.argmax(1) == logits.argmax(1)).item())
-        return out
+        return task_fidelity(self.name, self._run(x_hat), self._run(x), layer_prefix="stage")
 
 
 class TransformersFidelity:
@@ -114,11 +118,7 @@ class TransformersFidelity:
         return out.hidden_states, out.logits
 
     def __call__(self, x_hat: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
-        (ours, logits_hat), (theirs, logits) = self._run(x_hat), self._run(x)
-        out = {f"task/{self.name}/cos/hidden{i}": F.cosine_similarity(a.flatten(1), b.flatten(1)).item()
-               for i, (a, b) in enumerate(zip(ours, theirs))}
-        out[f"task/{self.name}/top1_agreement"] = float((logits_hat.argmax(1) == logits.argmax(1)).item())
-        return out
+        return task_fidelity(self.name, self._run(x_hat), self._run(x), layer_prefix="hidden")
 
 
 class ClipFidelity:

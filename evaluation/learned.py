@@ -8,7 +8,7 @@ from torchmetrics.functional.image import multiscale_structural_similarity_index
 
 from datamodules.images import list_images, load_rgb, to_tensor
 from evaluation.classical import psnr_at_bpp
-from pl_modules.bitstream import decode_image, encode_image, pack, unpack
+from pl_modules.bitstream import round_trip
 from pl_modules.losses import MS_SSIM_MIN_SIDE, psnr
 
 
@@ -20,8 +20,7 @@ def evaluate_folder(codec, weights_sha256: str, folder: str | Path, anchor: str 
     for path in list_images(folder):
         image = load_rgb(path)
         x = to_tensor(image).unsqueeze(0)
-        data = pack(encode_image(codec, x, weights_sha256))
-        decoded = decode_image(codec, unpack(data), weights_sha256)
+        data, decoded = round_trip(codec, x, weights_sha256)
         row = {"image": path.name, "bpp": 8 * len(data) / (x.shape[-2] * x.shape[-1]), "psnr": psnr(decoded, x),
                "ms_ssim": ms_ssim(decoded, x, data_range=1.0).item() if min(x.shape[-2:]) >= MS_SSIM_MIN_SIDE
                else float("nan")}

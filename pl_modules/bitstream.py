@@ -95,6 +95,12 @@ def decode_image(model, stream: Bitstream, model_sha256: str) -> torch.Tensor:
     return quantize_8bit(x_hat[..., : stream.height, : stream.width])
 
 
+def round_trip(model, x: torch.Tensor, model_sha256: str) -> tuple[bytes, torch.Tensor]:
+    """(the file's bytes, the image decoded from those bytes): what evaluation measures."""
+    data = pack(encode_image(model, x, model_sha256))
+    return data, decode_image(model, unpack(data), model_sha256)
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> torch.Tensor:
     """Replicate-pad bottom/right: cheaper to code than zeros, and cropped away after decoding."""
     height, width = x.shape[-2:]

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import io
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -14,6 +15,18 @@ from stages.config import TrainerConfig
 from stages.files import atomic_write_bytes
 
 LAST = "last.ckpt"
+_EXTRA_CALLBACKS: list[Callback] = []
+
+
+@contextmanager
+def extra_callbacks(*callbacks: Callback):
+    """Add callbacks to every trainer built inside the block: instrumentation (step timers in
+    benchmarks, fault injection in tests) that is no part of a stage's config."""
+    _EXTRA_CALLBACKS.extend(callbacks)
+    try:
+        yield
+    finally:
+        del _EXTRA_CALLBACKS[-len(callbacks):]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -45,7 +58,7 @@ def build_trainer(cfg: TrainerConfig, stage_dir: str | Path) -> L.Trainer:
         strategy=cfg.strategy,
         precision=cfg.precision,
         logger=TensorBoardLogger(save_dir=stage_dir, name="tb", version=""),
-        callbacks=[checkpoint],
+        callbacks=[*_EXTRA_CALLBACKS, checkpoint],
         plugins=[AtomicCheckpointIO()],
         enable_progress_bar=cfg.progress_bar,
         enable_model_summary=False,

@@ -63,25 +63,16 @@ class CrashAt(Callback):
             raise RuntimeError("simulated crash")
 
 
-def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, shard_dir, eval_dir, monkeypatch):
+def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, shard_dir, eval_dir):
     # Validation at step 4 sizes the entropy coder's tables before the checkpoint that resumes.
     overrides = ("trainer.max_steps=16", "trainer.checkpoint_every=4", "trainer.val_every=4",
                  "data.num_workers=2", "data.val_max_images=1")
     straight = stage1.run(tiny_stage1(tmp_path / "a", shard_dir, eval_dir, *overrides))
 
     cfg = tiny_stage1(tmp_path / "b", shard_dir, eval_dir, *overrides)
-    build = trainer_module.build_trainer
-
-    def crashing_trainer(*args, **kwargs):
-        trainer = build(*args, **kwargs)
-        trainer.callbacks.insert(0, CrashAt(10))
-        return trainer
-
-    monkeypatch.setattr(trainer_module, "build_trainer", crashing_trainer)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(RuntimeError, match="simulated crash"), trainer_module.extra_callbacks(CrashAt(10)):
         stage1.run(cfg)
     assert torch.load(cfg.stage_dir / "last.ckpt", weights_only=False)["global_step"] == 8
-    monkeypatch.setattr(trainer_module, "build_trainer", build)
     resumed = stage1.run(cfg)
 
     a, b = load_file(straight / "codec.safetensors"), load_file(resumed / "codec.safetensors")

@@ -130,7 +130,7 @@ def test_evaluate_scores_restorers_per_task_against_the_clean_image(chained, eva
 
 
 def test_stage2_resumes_from_a_checkpoint_without_frozen_weights_to_identical_adapters(
-        models, pair_shards, eval_dir, trained_run, tmp_path, monkeypatch):
+        models, pair_shards, eval_dir, trained_run, tmp_path):
     from test_stage1 import CrashAt
 
     from stages import stage2_llicm
@@ -142,19 +142,10 @@ def test_stage2_resumes_from_a_checkpoint_without_frozen_weights_to_identical_ad
     straight = stage2_llicm.run(load_config(Stage2LLICMConfig, overrides=[*overrides, f"output_root={tmp_path / 'a'}"]))
 
     cfg = load_config(Stage2LLICMConfig, overrides=[*overrides, f"output_root={tmp_path / 'b'}"])
-    build = trainer_module.build_trainer
-
-    def crashing(*args, **kwargs):
-        trainer = build(*args, **kwargs)
-        trainer.callbacks.insert(0, CrashAt(5))
-        return trainer
-
-    monkeypatch.setattr(trainer_module, "build_trainer", crashing)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(RuntimeError, match="simulated crash"), trainer_module.extra_callbacks(CrashAt(5)):
         stage2_llicm.run(cfg)
     ckpt = torch.load(cfg.stage_dir / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 4 and not any(LLICMModule.is_frozen_weight(k) for k in ckpt["state_dict"])
-    monkeypatch.setattr(trainer_module, "build_trainer", build)
     resumed = stage2_llicm.run(cfg)
     for name in (LORA_FILE, CONV_IN_FILE, CONTROLLER_FILE, "codec.safetensors"):
         a, b = load_file(straight / name), load_file(resumed / name)
