@@ -7,18 +7,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pl_modules.tiny_models import resolve_pretrained
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class FrozenClipImageEncoder(nn.Module):
-    """CLIP's vision tower with projection, from a hub id or a local folder; never trained."""
+    """CLIP's vision tower with projection, from a hub id, a local folder or the tiny-clip preset;
+    never trained."""
 
     def __init__(self, name_or_path: str, local_files_only: bool = False):
         super().__init__()
         from transformers import CLIPVisionModelWithProjection
+        from transformers.utils import logging
 
-        self.model = CLIPVisionModelWithProjection.from_pretrained(name_or_path, local_files_only=local_files_only)
+        # A full CLIP checkpoint's text tower is left out on purpose; transformers would list every
+        # one of its weights as unexpected.
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()
+        try:
+            self.model = CLIPVisionModelWithProjection.from_pretrained(resolve_pretrained(name_or_path),
+                                                                      local_files_only=local_files_only)
+        finally:
+            logging.set_verbosity(verbosity)
         self.model.requires_grad_(False).eval()
         self.size = self.model.config.image_size
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)

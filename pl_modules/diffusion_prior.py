@@ -1,7 +1,8 @@
 """The diffusion prior every diffusion stage shares (LL-ICM, Diff-ICMH, VLIC): a latent-diffusion
 VAE, UNet and noise scheduler loaded through diffusers' ``from_pretrained`` from a hub id or a local
 folder, with LoRA on the UNet's attention projections (peft) and extra zero-initialised ``conv_in``
-channels for the image the UNet restores.
+channels for the image the UNet restores. Without a VAE (``vae=false``) the same UNet works on pixels,
+as DeepFloyd IF's stages do; the CPU-sized ``tiny-pixel`` preset is such a prior.
 
 Why latent concatenation (InstructPix2Pix) and not a ControlNet branch: it adds one conv's worth of
 weights instead of a copy of the encoder, keeps LoRA the only change inside the UNet (so "adapters
@@ -17,14 +18,23 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from pl_modules.tiny_models import resolve_pretrained
+
 LORA_FILE = "unet_lora.safetensors"
 CONV_IN_FILE = "unet_conv_in.safetensors"
+UNET_FILE = "unet.safetensors"
 
 
 @dataclass
 class DiffusionPriorConfig:
     model: str = "???"
-    """A diffusers pipeline folder or hub id with vae/, unet/, scheduler/ (e.g. stabilityai/sd-turbo)."""
+    """A diffusers pipeline folder or hub id with vae/, unet/, scheduler/ (e.g. stabilityai/sd-turbo),
+    or a preset built here and loaded the same way: tiny-sd (SD-structured, random) or tiny-pixel."""
+    vae: bool = True
+    """Latent diffusion through the folder's vae/; false: the UNet works on pixels in [-1, 1]."""
+    train_unet: bool = False
+    """Train every UNet weight instead of LoRA adapters (needs lora_rank=0): for priors too small or
+    too briefly pretrained for LoRA to have something to adapt, such as the tiny presets."""
     local_files_only: bool = False
     """Never download: load from the folder or the HF cache only."""
     lora_rank: int = 8
@@ -34,7 +44,8 @@ class DiffusionPriorConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     """UNet module names that get LoRA adapters."""
     condition_channels: int = 4
-    """Extra conv_in channels for the latent of the image to restore (0: unconditional)."""
+    """Extra conv_in channels for the image to restore, in the UNet's space: its input channels
+    (4 for SD's latents, 3 on pixels), or 0 for an unconditional prior."""
     gradient_checkpointing: bool = True
     """Trade compute for memory in the UNet during training."""
     vae_tile: int = 512
@@ -54,34 +65,37 @@ class DiffusionPrior(nn.Module):
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
         self.cfg = cfg
+        _check(cfg)
+        model = resolve_pretrained(cfg.model)
         load = dict(local_files_only=cfg.local_files_only)
-        self.vae = AutoencoderKL.from_pretrained(cfg.model, subfolder="vae", **load).requires_grad_(False)
-        self.unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **load).requires_grad_(False)
-        self.scheduler = DDIMScheduler.from_pretrained(cfg.model, subfolder="scheduler", **load)
+        self.vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **load).requires_grad_(False) if cfg.vae else None
+        self.unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", **load).requires_grad_(False)
+        self.scheduler = DDIMScheduler.from_pretrained(model, subfolder="scheduler", **load)
         if cfg.text_encoder:
             from transformers import CLIPTextModel, CLIPTokenizer
 
-            self.text_model = CLIPTextModel.from_pretrained(cfg.model, subfolder="text_encoder", **load)
+            self.text_model = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **load)
             self.text_model.requires_grad_(False).eval()
-            self.tokenizer = CLIPTokenizer.from_pretrained(cfg.model, subfolder="tokenizer", **load)
+            self.tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **load)
+        if cfg.condition_channels not in (0, self.unet.config.in_channels):
+            raise ValueError(f"prior.condition_channels must be 0 or the UNet's {self.unet.config.in_channels} input "
+                             f"channels (the image to restore enters in the UNet's own space), got {cfg.condition_channels}")
         if cfg.condition_channels:
             expand_conv_in(self.unet, cfg.condition_channels)
         if cfg.lora_rank:
             self._add_lora()
-        if cfg.vae_tile:
+        if cfg.vae_tile and self.vae is not None:
             self.vae.enable_tiling()
             self.vae.tile_sample_min_size = cfg.vae_tile
             self.vae.tile_latent_min_size = cfg.vae_tile // self.vae_scale
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        if cfg.frozen_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"prior.frozen_dtype must be float32 or bfloat16, got '{cfg.frozen_dtype}'")
         if cfg.frozen_dtype == "bfloat16":
-            self.vae.to(torch.bfloat16)
-            self.unet.to(torch.bfloat16)
+            if self.vae is not None:
+                self.vae.to(torch.bfloat16)
             for name, param in self.unet.named_parameters():
-                if _is_trained(name):
-                    param.data = param.data.float()
+                if not self.is_trained(name):
+                    param.data = param.data.to(torch.bfloat16)
 
     def _add_lora(self) -> None:
         from peft import LoraConfig
@@ -91,15 +105,20 @@ class DiffusionPrior(nn.Module):
 
     @property
     def vae_scale(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
 
     @property
     def latent_scale(self) -> float:
         return self.vae.config.scaling_factor
 
+    def is_trained(self, unet_parameter: str) -> bool:
+        """Whether training changes this UNet parameter: all of them with train_unet; otherwise LoRA
+        and the conv_in (whose new channels start at zero)."""
+        return (self.cfg.train_unet or "lora_" in unet_parameter
+                or (self.cfg.condition_channels > 0 and unet_parameter.startswith("conv_in.")))
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """LoRA weights and the conv_in (whose new channels start at zero); all else stays frozen."""
-        params = [p for n, p in self.unet.named_parameters() if _is_trained(n, self.cfg.condition_channels > 0)]
+        params = [p for n, p in self.unet.named_parameters() if self.is_trained(n)]
         for p in params:
             p.requires_grad_(True)
         return params
@@ -113,12 +132,27 @@ class DiffusionPrior(nn.Module):
         return self.text_model(tokens).last_hidden_state
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] → scaled latents (the posterior mean: deterministic)."""
+        """Images in [0, 1] → scaled latents (the posterior mean: deterministic), or pixels in [-1, 1]."""
+        if self.vae is None:
+            return image * 2 - 1
         return self.vae.encode(image * 2 - 1).latent_dist.mode() * self.latent_scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         # float32 out whatever the VAE's dtype: metrics and codecs downstream expect it.
-        return ((self.vae.decode(latents / self.latent_scale).sample.float() + 1) / 2).clamp(0, 1)
+        pixels = latents if self.vae is None else self.vae.decode(latents / self.latent_scale).sample
+        return ((pixels.float() + 1) / 2).clamp(0, 1)
+
+    def training_target(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the UNet should predict for ``clean`` noised with ``noise`` at ``timesteps``, by the
+        scheduler's prediction type (epsilon, v_prediction or sample)."""
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.scheduler.get_velocity(clean, noise, timesteps)
+        if kind == "sample":
+            return clean
+        raise ValueError(f"unsupported scheduler prediction_type '{kind}'")
 
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor | None,
                 context: torch.Tensor) -> torch.Tensor:
@@ -142,14 +176,17 @@ class DiffusionPrior(nn.Module):
 
     def trained_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """File name → tensors of what training changes: LoRA (peft's layout, loadable with
-        ``set_peft_model_state_dict``) and conv_in, each alone."""
+        ``set_peft_model_state_dict``) and conv_in, each alone; or the whole UNet with train_unet."""
         from peft.utils import get_peft_model_state_dict
 
-        states = {}
-        if self.cfg.lora_rank:
-            states[LORA_FILE] = get_peft_model_state_dict(self.unet)
-        if self.cfg.condition_channels:
-            states[CONV_IN_FILE] = self.unet.conv_in.state_dict()
+        if self.cfg.train_unet:
+            states = {UNET_FILE: self.unet.state_dict()}
+        else:
+            states = {}
+            if self.cfg.lora_rank:
+                states[LORA_FILE] = get_peft_model_state_dict(self.unet)
+            if self.cfg.condition_channels:
+                states[CONV_IN_FILE] = self.unet.conv_in.state_dict()
         return {name: {k: v.detach().cpu().contiguous() for k, v in state.items()} for name, state in states.items()}
 
     def save_trained(self, folder: str | Path) -> dict[str, Path]:
@@ -164,6 +201,9 @@ class DiffusionPrior(nn.Module):
         from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
         folder = Path(folder)
+        if self.cfg.train_unet:
+            self.unet.load_state_dict(load_file(str(folder / UNET_FILE)), strict=True)
+            return
         if self.cfg.lora_rank:
             state = load_file(str(folder / LORA_FILE))
             expected = {k: v.shape for k, v in get_peft_model_state_dict(self.unet).items()}
@@ -177,8 +217,11 @@ class DiffusionPrior(nn.Module):
             self.unet.conv_in.load_state_dict(load_file(str(folder / CONV_IN_FILE)), strict=True)
 
 
-def _is_trained(unet_parameter: str, conv_in: bool = True) -> bool:
-    return "lora_" in unet_parameter or (conv_in and unet_parameter.startswith("conv_in."))
+def _check(cfg: DiffusionPriorConfig) -> None:
+    if cfg.frozen_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"prior.frozen_dtype must be float32 or bfloat16, got '{cfg.frozen_dtype}'")
+    if cfg.train_unet and cfg.lora_rank:
+        raise ValueError("prior.train_unet=true trains the whole UNet: set prior.lora_rank=0")
 
 
 def expand_conv_in(unet: nn.Module, extra: int) -> None:

@@ -1,9 +1,37 @@
 """Small random-initialised models built from config dicts and saved with ``save_pretrained``, so
 tests and CPU presets load them back through the very ``from_pretrained`` path real weights take.
-Their outputs mean nothing; they exist to exercise real code paths without downloads."""
+Untrained, their outputs mean nothing: tiny-sd and tiny-clip exercise real code paths without
+downloads; tiny-pixel is small enough to be trained from scratch on a CPU (prior.train_unet=true)."""
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
+
+# Bump when a builder changes, so that no stale folder is loaded under a preset's name.
+PRESET_VERSION = 1
+
+
+def resolve_pretrained(name: str) -> str:
+    """A preset's folder (built on first use), or ``name`` unchanged: a hub id or a folder."""
+    return str(preset_folder(name)) if name in PRESETS else name
+
+
+def preset_folder(name: str) -> Path:
+    """The folder of a preset, built on first use in $DIFFCODEC_CACHE (default ~/.cache/diffcodec).
+    Built aside and renamed into place, so concurrent ranks never load a half-written folder."""
+    root = Path(os.environ.get("DIFFCODEC_CACHE", Path.home() / ".cache" / "diffcodec")) / "presets"
+    folder = root / f"{name}-v{PRESET_VERSION}"
+    if not folder.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
+        PRESETS[name](staging)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process finished first; its folder is identical (fixed seeds)
+            shutil.rmtree(staging)
+    return folder
 
 
 def save_tiny_clip(folder: str | Path, image_size: int = 32, seed: int = 0) -> Path:
@@ -47,6 +75,27 @@ def _byte_symbols() -> list[str]:
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
+def save_tiny_pixel_diffusion(folder: str | Path, cross_attention_dim: int = 32, seed: int = 0) -> Path:
+    """A pixel-space prior (unet/, scheduler/; no vae/): a 1 M-parameter UNet whose attention sits at
+    the lowest resolution only and attends to the conditioning tokens alone, so its cost grows
+    linearly with the pixel count and whole Kodak images restore on a CPU. It predicts the clean
+    image (x0), which few-step DDIM sampling of a small model needs more than epsilon."""
+    import torch
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    UNet2DConditionModel(sample_size=64, in_channels=3, out_channels=3, layers_per_block=1, norm_num_groups=8,
+                         block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D", "DownBlock2D",
+                                                                            "CrossAttnDownBlock2D"),
+                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                         cross_attention_dim=cross_attention_dim, attention_head_dim=8,
+                         only_cross_attention=True).save_pretrained(folder / "unet")
+    DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True, clip_sample_range=1.0,
+                  set_alpha_to_one=True, prediction_type="sample").save_pretrained(folder / "scheduler")
+    return folder
+
+
 def save_tiny_diffusion(folder: str | Path, cross_attention_dim: int = 32, seed: int = 0) -> Path:
     """A latent-diffusion folder in diffusers' layout (vae/, unet/, scheduler/, text_encoder/,
     tokenizer/) with Stable
@@ -76,3 +125,6 @@ def save_tiny_diffusion(folder: str | Path, cross_attention_dim: int = 32, seed:
                                  bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
                                  pad_token_id=vocab["<|endoftext|>"])).save_pretrained(folder / "text_encoder")
     return folder
+
+
+PRESETS = {"tiny-sd": save_tiny_diffusion, "tiny-pixel": save_tiny_pixel_diffusion, "tiny-clip": save_tiny_clip}

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from pl_modules.diffusion_prior import CONV_IN_FILE, LORA_FILE, DiffusionPrior, DiffusionPriorConfig, expand_conv_in
-from pl_modules.tiny_models import save_tiny_diffusion
+from pl_modules.diffusion_prior import (CONV_IN_FILE, LORA_FILE, UNET_FILE, DiffusionPrior, DiffusionPriorConfig,
+                                        expand_conv_in)
+from pl_modules.tiny_models import preset_folder, save_tiny_diffusion
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,55 @@ def test_loads_through_from_pretrained_with_sd_structure(tiny_folder):
     assert latents.shape == (1, 4, 8, 8) and model.decode(latents).shape == x.shape
     with pytest.raises(OSError):
         DiffusionPrior(DiffusionPriorConfig(model=str(tiny_folder / "missing"), local_files_only=True))
+
+
+def test_the_condition_must_enter_in_the_unets_own_space(tiny_folder):
+    with pytest.raises(ValueError, match="0 or the UNet's 4 input channels"):
+        prior(tiny_folder, condition_channels=3)
+    with pytest.raises(ValueError, match="set prior.lora_rank=0"):
+        prior(tiny_folder, train_unet=True)
+
+
+def test_training_targets_follow_the_schedulers_prediction_type(tiny_folder):
+    model = prior(tiny_folder)
+    clean, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    assert torch.equal(model.training_target(clean, noise, t), noise)  # the preset predicts epsilon
+    alpha_bar = model.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    for kind, expected in (("sample", clean), ("v_prediction", alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * clean)):
+        model.scheduler.register_to_config(prediction_type=kind)
+        torch.testing.assert_close(model.training_target(clean, noise, t), expected)
+    model.scheduler.register_to_config(prediction_type="flow")
+    with pytest.raises(ValueError, match="unsupported scheduler prediction_type 'flow'"):
+        model.training_target(clean, noise, t)
+
+
+def test_the_pixel_preset_is_built_once_and_trains_whole_from_scratch(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFCODEC_CACHE", str(tmp_path / "cache"))
+    folder = preset_folder("tiny-pixel")
+    assert {p.name for p in folder.iterdir()} == {"unet", "scheduler"}
+    stamp = (folder / "unet" / "config.json").stat().st_mtime_ns
+    assert preset_folder("tiny-pixel") == folder and (folder / "unet" / "config.json").stat().st_mtime_ns == stamp
+    cfg = dict(vae=False, train_unet=True, lora_rank=0, condition_channels=3, gradient_checkpointing=False)
+    model = prior("tiny-pixel", **cfg)
+    image = torch.rand(2, 3, 32, 32)
+    assert model.vae_scale == 1 and torch.allclose(model.decode(model.encode(image)), image)
+    params = model.trainable_parameters()
+    assert len(params) == len(list(model.unet.parameters()))
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    context, t = torch.randn(2, 5, 32), torch.tensor([100, 600])
+    noisy = model.scheduler.add_noise(model.encode(image), torch.randn_like(image), t)
+    losses = []
+    for _ in range(12):
+        loss = (model.denoise(noisy, t, model.encode(image), context) - model.encode(image)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) < 0.5 * sum(losses[:3]), losses
+    assert set(model.save_trained(tmp_path / "trained")) == {UNET_FILE}
+    twin = prior("tiny-pixel", **cfg)
+    twin.load_trained(tmp_path / "trained")
+    assert all(torch.equal(a, b) for a, b in zip(twin.unet.state_dict().values(), model.unet.state_dict().values()))
 
 
 def test_zero_initialised_condition_channels_leave_the_pretrained_output_unchanged(tiny_folder):
