@@ -7,22 +7,26 @@ from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as ms_ssim
 
 from datamodules.degradations import TASKS
+from evaluation.metrics import availability, measure
 from pl_modules.bitstream import decode_image, encode_image
 from pl_modules.codecs import build_codec, split_parameters
 from pl_modules.controller import DegradationController, FrozenClipImageEncoder
 from pl_modules.diffusion_prior import DiffusionPrior
 from pl_modules.image_means import ImageMeans
 from pl_modules.losses import MS_SSIM_MIN_SIDE, bits_per_pixel, llicm_loss, psnr
-from pl_modules.schedules import step_seed
+from pl_modules.schedules import lr_factor, step_seed
 
 if TYPE_CHECKING:
     from stages.stage2_llicm import Stage2LLICMConfig
 
 _IN_MEMORY_SHA = "00" * 32
-VAL_METRICS = tuple(f"val/{task}/{m}" for task in (*TASKS, "all") for m in ("bpp", "psnr", "ms_ssim", "accuracy"))
+VAL_METRICS = tuple(f"val/{task}/{m}" for task in (*TASKS, "all")
+                    for m in ("bpp", "psnr", "ms_ssim", "lpips", "accuracy"))
 
 
 class LLICMModule(L.LightningModule):
@@ -39,34 +43,37 @@ class LLICMModule(L.LightningModule):
         self.controller = DegradationController(self.clip.dim, self.prior.unet.config.cross_attention_dim,
                                                 len(TASKS), cfg.content_tokens)
         self.val_means = ImageMeans(VAL_METRICS)
+        self.lpips_unavailable = availability(["lpips"])["lpips"]
         self.validated_at_step = -1
         # Checkpoints leave out the frozen pretrained weights (GBs at SD size); on_load_checkpoint
         # checks that nothing else is missing.
         self.strict_loading = False
 
-    @staticmethod
-    def is_frozen_weight(key: str) -> bool:
-        """Pretrained and never trained: the VAE, CLIP and the UNet's base (not LoRA, not conv_in)."""
+    def is_frozen_weight(self, key: str) -> bool:
+        """Pretrained and never trained: the VAE, CLIP and the UNet but for what the prior trains."""
         if key.startswith(("prior.vae.", "clip.")):
             return True
-        return key.startswith("prior.unet.") and "lora_" not in key and ".conv_in." not in f".{key[len('prior.unet.'):]}"
+        unet = "prior.unet."
+        return key.startswith(unet) and not self.prior.is_trained(key[len(unet):])
 
-    def trained_parameters(self) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
-        """(network, auxiliary): what the config trains; everything else is frozen and stays so."""
+    def trained_parameters(self) -> tuple[list[dict], list[torch.nn.Parameter]]:
+        """(network parameter groups, auxiliary parameters): what the config trains; everything else
+        is frozen and stays so."""
         self.codec.requires_grad_(self.cfg.train_codec)
-        net = [*self.prior.trainable_parameters(), *self.controller.parameters()]
+        groups = [{"params": [*self.prior.trainable_parameters(), *self.controller.parameters()]}]
         aux = []
         if self.cfg.train_codec:
             codec_net, aux = split_parameters(self.codec)
-            net += codec_net
-        return net, aux
+            groups.append({"params": codec_net, "lr": self.cfg.codec_lr or self.cfg.optim.lr})
+        return groups, aux
 
     def configure_optimizers(self):
-        net, aux = self.trained_parameters()
-        optimizers = [torch.optim.AdamW(net, lr=self.cfg.lr, weight_decay=0.0)]
-        if aux:
-            optimizers.append(torch.optim.Adam(aux, lr=self.cfg.aux_lr))
-        return optimizers
+        optim = self.cfg.optim
+        groups, aux = self.trained_parameters()
+        net = torch.optim.AdamW(groups, lr=optim.lr, weight_decay=0.0)
+        schedule = LambdaLR(net, lambda step: lr_factor(step, self.cfg.trainer.max_steps, optim.warmup_steps,
+                                                         optim.schedule, optim.final_lr_fraction))
+        return [net, *([torch.optim.Adam(aux, lr=optim.aux_lr)] if aux else [])], [schedule]
 
     def losses(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """(LL-ICM loss terms, auxiliary entropy-model loss) of one batch of pairs."""
@@ -83,8 +90,7 @@ class LLICMModule(L.LightningModule):
                                   device=target.device)
         noisy = self.prior.scheduler.add_noise(target, noise, timesteps)
         prediction = self.prior.denoise(noisy, timesteps, condition, tokens)
-        goal = noise if self.prior.scheduler.config.prediction_type == "epsilon" else \
-            self.prior.scheduler.get_velocity(target, noise, timesteps)
+        goal = self.prior.training_target(target, noise, timesteps)
         terms = llicm_loss(x_hat, degraded, bpp, prediction, goal, logits, labels, self.cfg.alpha, self.cfg.beta,
                            self.cfg.gamma, self.cfg.classification)
         aux_loss = self.codec.aux_loss() if self.cfg.train_codec else torch.zeros((), device=bpp.device)
@@ -101,19 +107,25 @@ class LLICMModule(L.LightningModule):
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         self.manual_backward(terms["loss"] + aux_loss)
-        if self.cfg.clip_grad_norm > 0:
-            self.clip_gradients(optimizers[0], gradient_clip_val=self.cfg.clip_grad_norm, gradient_clip_algorithm="norm")
+        if self.cfg.optim.clip_grad_norm > 0:
+            self.clip_gradients(optimizers[0], gradient_clip_val=self.cfg.optim.clip_grad_norm,
+                                gradient_clip_algorithm="norm")
         optimizers[0].step()
         for optimizer in optimizers[1:]:
             optimizer.optimizer.step()  # raw: one global step per batch (see CodecModule)
+        self.lr_schedulers().step()
         if self.global_step % self.cfg.trainer.log_every == 0 and self.logger is not None:
-            self.logger.log_metrics({f"train/{k}": v.item() for k, v in terms.items()}, step=self.global_step)
+            scalars = {f"train/{k}": v.item() for k, v in terms.items()}
+            scalars["train/lr"] = self.lr_schedulers().get_last_lr()[0]
+            self.logger.log_metrics(scalars, step=self.global_step)
         self.log("loss", terms["loss"].detach(), prog_bar=True, logger=False)
         return terms["loss"]
 
     def on_validation_epoch_start(self) -> None:
         self.codec.update(force=True)
         self.val_means.reset()
+        if self.lpips_unavailable:
+            rank_zero_warn(f"validation LPIPS: unavailable: {self.lpips_unavailable}")
 
     @torch.no_grad()
     def restore(self, decoded: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,6 +144,8 @@ class LLICMModule(L.LightningModule):
                    "accuracy": float(logits.argmax(-1).item() == label)}
         if min(clean.shape[-2:]) >= MS_SSIM_MIN_SIDE:
             metrics["ms_ssim"] = ms_ssim(restored, clean, data_range=1.0).item()
+        if not self.lpips_unavailable:
+            metrics.update(measure(["lpips"], restored, clean))
         for scope in (TASKS[label], "all"):
             self.val_means.add({f"val/{scope}/{k}": v for k, v in metrics.items()})
 

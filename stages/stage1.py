@@ -45,6 +45,10 @@ class OptimConfig:
     final_lr_fraction: float = 0.01
     """Cosine schedule's last LR as a fraction of lr."""
 
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule must be one of {SCHEDULES}, got '{self.schedule}'")
+
 
 @dataclass
 class Stage1Config(StageConfig):
@@ -65,8 +69,6 @@ class Stage1Config(StageConfig):
             raise ConfigError(f"data.crop must be at least 192 for ms-ssim, got {self.data.crop}")
         if self.codec.architecture not in ARCHITECTURES:
             raise ConfigError(f"codec.architecture '{self.codec.architecture}' is not one of {sorted(ARCHITECTURES)}")
-        if self.optim.schedule not in SCHEDULES:
-            raise ConfigError(f"optim.schedule must be one of {SCHEDULES}, got '{self.optim.schedule}'")
         if self.trainer.precision not in PRECISIONS:
             raise ConfigError(f"trainer.precision must be one of {PRECISIONS} (fp16 loss scaling would not reach "
                               f"the auxiliary optimizer), got '{self.trainer.precision}'")

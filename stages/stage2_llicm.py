@@ -16,7 +16,7 @@ from stages import stage1
 from stages.config import ConfigError, StageConfig, to_dict, to_yaml
 from stages.manifest import Manifest, manifest_path, write_final
 from stages.provenance import git_commit
-from stages.stage1 import CodecConfig
+from stages.stage1 import CodecConfig, OptimConfig
 from stages.trainer import last_checkpoint, train_stage
 
 STAGE = "stage2-llicm"
@@ -44,12 +44,11 @@ class Stage2LLICMConfig(StageConfig):
     """Weight of the diffusion loss toward the ideal (clean) image."""
     classification: float = 0.1
     """Weight of the controller's degradation classification (cross-entropy)."""
-    lr: float = 1e-4
-    """AdamW learning rate of everything trained."""
-    aux_lr: float = 1e-3
-    """Adam learning rate of the entropy bottleneck's quantiles (when the codec trains)."""
-    clip_grad_norm: float = 1.0
-    """Clip the gradient norm (0: off)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW for the prior and the controller (lr, schedule, clipping), Adam for the quantiles (aux_lr)."""
+    codec_lr: float = 0.0
+    """Learning rate of the codec when it trains jointly (0: optim.lr); a pretrained codec usually
+    wants less than the modules that start from scratch. The schedule scales it too."""
     data: PairDataConfig = field(default_factory=PairDataConfig)
 
     def __post_init__(self) -> None:
@@ -57,8 +56,9 @@ class Stage2LLICMConfig(StageConfig):
             raise ConfigError("init_from must name a stage-1 final/ (stage 2 starts from a trained codec)")
         if self.prior.frozen_dtype == "bfloat16" and self.trainer.precision != "bf16-mixed":
             raise ConfigError("prior.frozen_dtype=bfloat16 needs trainer.precision=bf16-mixed")
-        if self.prior.condition_channels != 4:
-            raise ConfigError("prior.condition_channels must be 4: the decoded image conditions the UNet as a latent")
+        if not self.prior.condition_channels:
+            raise ConfigError("prior.condition_channels must be the UNet's input channels: the decoded image "
+                              "conditions the restoration")
 
 
 def run(cfg: Stage2LLICMConfig) -> Path:

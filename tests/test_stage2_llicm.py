@@ -8,6 +8,7 @@ from conftest import tiny_overrides
 from datamodules.shards import read_index, write_pair_shards
 from datamodules.stream import CropStream
 from evaluation.evaluate import EvaluateConfig, run
+from evaluation.metrics import availability
 from pl_modules.diffusion_prior import CONV_IN_FILE, LORA_FILE, DiffusionPrior
 from pl_modules.llicm_module import LLICMModule
 from pl_modules.tiny_models import save_tiny_clip, save_tiny_diffusion
@@ -40,7 +41,7 @@ def stage2_overrides(models, pair_shards, eval_dir):
             "prior.vae_tile=0", "prior.sample_steps=2", f"clip_model={clip}", "codec.N=32", "codec.M=48",
             f"data.train_shards={pair_shards}", f"data.val_dir={eval_dir}", "data.val_tasks=[denoise,dehaze]",
             "data.crop=64", "data.val_crop=64", "data.batch_size=2", "data.num_workers=0", "data.val_max_images=1",
-            "lr=1e-3", "trainer.max_steps=6", "trainer.val_every=6", "trainer.checkpoint_every=3",
+            "optim.lr=1e-3", "trainer.max_steps=6", "trainer.val_every=6", "trainer.checkpoint_every=3",
             "trainer.log_every=2", "trainer.progress_bar=false", "trainer.accelerator=cpu", "trainer.devices=1"]
 
 
@@ -57,8 +58,8 @@ def test_loss_on_a_fixed_batch_falls_and_frozen_weights_stay(models, pair_shards
     batch = next(iter(CropStream(read_index(pair_shards), 64, 2, seed=0)))
     frozen = {k: v.clone() for k, v in module.state_dict().items() if module.is_frozen_weight(k)}
     assert any(k.startswith("clip.") for k in frozen) and any(k.startswith("prior.vae.") for k in frozen)
-    net, aux = module.trained_parameters()
-    optimizer = torch.optim.Adam([{"params": net, "lr": 1e-3}, {"params": aux, "lr": 1e-3}])
+    groups, aux = module.trained_parameters()
+    optimizer = torch.optim.Adam([*groups, {"params": aux}], lr=1e-3)
     losses = []
     for step in range(30):
         torch.manual_seed(step % 2)  # the same noise and timesteps every other step: a fixed objective
@@ -97,6 +98,8 @@ def test_stage2_chains_from_stage1_in_a_pipeline_and_hands_over_adapters_alone(c
     for key in ("val/all/bpp", "val/all/psnr", "val/denoise/psnr", "val/dehaze/accuracy"):
         assert key in manifest.metrics, key
     assert 0 < manifest.metrics["val/all/bpp"] < 10 and 0 <= manifest.metrics["val/all/accuracy"] <= 1
+    lpips_logged = any(key.endswith("/lpips") for key in manifest.metrics)
+    assert lpips_logged == (availability(["lpips"])["lpips"] is None)  # only with VGG weights on the machine
     # The adapters load alone into a fresh prior, through peft's layout.
     cfg = load_config(Stage2LLICMConfig, [restore_final / "config.yaml"])
     fresh = DiffusionPrior(cfg.prior)
@@ -117,9 +120,12 @@ def test_stage2_chains_from_stage1_in_a_pipeline_and_hands_over_adapters_alone(c
 def test_evaluate_scores_restorers_per_task_against_the_clean_image(chained, eval_dir, tmp_path):
     _, _, (_, restore_final, baseline_final) = chained
     curves = run(EvaluateConfig(images=str(eval_dir), classical=[], metrics=["psnr"], tasks=["denoise", "dehaze"],
-                                restorers=[f"llicm={restore_final}", f"baseline={baseline_final}"], max_images=1,
+                                restorers=[f"llicm={restore_final}", f"baseline={baseline_final}"], max_images=1, restore_crop=64,
                                 fid_kid=False, out_dir=str(tmp_path / "out")))
-    assert set(curves) == {"llicm-denoise", "llicm-dehaze", "baseline-denoise", "baseline-dehaze"}
+    assert set(curves) == {f"{name}-{task}{suffix}" for name in ("llicm", "baseline") for task in ("denoise", "dehaze")
+                           for suffix in ("", "-decoded")}
+    assert curves["llicm-denoise"]["results"]["bpp"] == curves["llicm-denoise-decoded"]["results"]["bpp"]
+    assert curves["llicm-denoise"]["results"]["psnr-rgb"] != curves["llicm-denoise-decoded"]["results"]["psnr-rgb"]
     for curve in curves.values():
         assert len(curve["results"]["bpp"]) == 1 and 0 < curve["results"]["bpp"][0] < 10
         assert 0 < curve["results"]["psnr-rgb"][0] < 60
@@ -145,8 +151,39 @@ def test_stage2_resumes_from_a_checkpoint_without_frozen_weights_to_identical_ad
     with pytest.raises(RuntimeError, match="simulated crash"), trainer_module.extra_callbacks(CrashAt(5)):
         stage2_llicm.run(cfg)
     ckpt = torch.load(cfg.stage_dir / "last.ckpt", weights_only=False)
-    assert ckpt["global_step"] == 4 and not any(LLICMModule.is_frozen_weight(k) for k in ckpt["state_dict"])
+    assert ckpt["global_step"] == 4 and not any(LLICMModule(cfg).is_frozen_weight(k) for k in ckpt["state_dict"])
     resumed = stage2_llicm.run(cfg)
     for name in (LORA_FILE, CONV_IN_FILE, CONTROLLER_FILE, "codec.safetensors"):
         a, b = load_file(straight / name), load_file(resumed / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_two_process_ddp_trains_the_pixel_preset_and_averages_validation_over_ranks(
+        pair_shards, eval_dir, trained_run, tmp_path):
+    """Under DDP every trained part must get a gradient each step (DDP fails on the second step
+    otherwise) and validation items split across ranks must average exactly as on one process."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from test_distributed import free_port
+
+    _, parent = trained_run
+    command = [sys.executable, str(ROOT / "train.py"), "stage2-llicm", "-c", str(ROOT / "configs/stage2/llicm-tiny.yaml"),
+               f"init_from={parent}", f"output_root={tmp_path}", "codec.N=32", "codec.M=48",
+               f"data.train_shards={pair_shards}", f"data.val_dir={eval_dir}", "data.val_tasks=[denoise,dehaze]",
+               "data.val_crop=64", "data.batch_size=2", "data.num_workers=0", "data.val_max_images=1",
+               "prior.sample_steps=2", "trainer.max_steps=4", "trainer.val_every=4", "trainer.checkpoint_every=2",
+               "trainer.progress_bar=false", "trainer.accelerator=cpu", "trainer.strategy=ddp", "trainer.devices=2"]
+    env = {**os.environ, "MASTER_PORT": str(free_port()), "DIFFCODEC_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = read_manifest(tmp_path / "default" / "stage2-llicm" / "final", expect_stage="stage2-llicm")
+    metrics = manifest.metrics
+    # One (image, task) item per rank: the overall mean is the mean of the two tasks' values.
+    for key in ("psnr", "bpp"):
+        expected = (metrics[f"val/denoise/{key}"] + metrics[f"val/dehaze/{key}"]) / 2
+        assert metrics[f"val/all/{key}"] == pytest.approx(expected, rel=1e-6), key
+    assert metrics["val/denoise/psnr"] != metrics["val/dehaze/psnr"]
+    assert torch.load(tmp_path / "default" / "stage2-llicm" / "last.ckpt", weights_only=False)["global_step"] == 4
