@@ -5,17 +5,18 @@ import math
 from pathlib import Path
 from typing import Any
 
-# Manifest metric → CompressAI results key.
-RD_KEYS = {"val/psnr": "psnr-rgb", "val/ms_ssim": "ms-ssim"}
+# Manifest metric (after the stage's validation prefix) → CompressAI results key.
+RD_KEYS = {"psnr": "psnr-rgb", "ms_ssim": "ms-ssim", "lpips": "lpips"}
 
 
-def rd_results(name: str, description: str, points: list[tuple[dict[str, Any], Any]]) -> dict:
-    """One curve from (grid point, manifest) pairs, ordered by rate."""
-    ordered = sorted(points, key=lambda pm: pm[1].metrics["val/bpp"])
-    results = {"bpp": [m.metrics["val/bpp"] for _, m in ordered]}
+def rd_results(name: str, description: str, points: list[tuple[dict[str, Any], Any]], prefix: str = "val/") -> dict:
+    """One curve from (grid point, manifest) pairs, ordered by rate; ``prefix`` picks the metrics
+    (stage 1 logs val/bpp, stage 2 val/all/bpp over every task and val/<task>/bpp per task)."""
+    ordered = sorted(points, key=lambda pm: pm[1].metrics[f"{prefix}bpp"])
+    results = {"bpp": [m.metrics[f"{prefix}bpp"] for _, m in ordered]}
     for metric, key in RD_KEYS.items():
-        if all(metric in m.metrics for _, m in ordered):
-            results[key] = [m.metrics[metric] for _, m in ordered]
+        if all(prefix + metric in m.metrics for _, m in ordered):
+            results[key] = [m.metrics[prefix + metric] for _, m in ordered]
     return {"name": name, "description": description, "results": results,
             "points": [{**point, "lmbda": m.lmbda} for point, m in ordered]}
 

@@ -16,6 +16,8 @@ class StageKind:
     """The ``stage`` its manifests carry, which init_from and skip checks expect."""
     summary: str
     """One line for ``train.py --help``."""
+    rd_prefix: str = "val/"
+    """Where its manifest's validation metrics sit (``<prefix>bpp``, ``<prefix>psnr``): RD curves read them."""
 
 
 STAGE_KINDS: dict[str, StageKind] = {}
@@ -30,4 +32,5 @@ def register_stage(name: str, kind: StageKind) -> None:
 register_stage("stage1", StageKind(stage1.Stage1Config, stage1.run, stage1.STAGE,
                                     "rate–distortion pretraining of a CompressAI codec"))
 register_stage("stage2-llicm", StageKind(stage2_llicm.Stage2LLICMConfig, stage2_llicm.run, stage2_llicm.STAGE,
-                                         "LL-ICM: joint codec + CLIP-guided diffusion restoration (LoRA)"))
+                                         "LL-ICM: joint codec + CLIP-guided diffusion restoration (LoRA)",
+                                         rd_prefix="val/all/"))

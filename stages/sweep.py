@@ -17,6 +17,7 @@ from stages.config import ConfigError, load_config, to_yaml
 from stages.files import atomic_write_text
 from stages.manifest import ManifestError, read_manifest
 from stages.pipeline import PipelineConfig
+from stages.registry import STAGE_KINDS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +53,10 @@ class SweepConfig:
     stage_overrides: list[str] = field(default_factory=list)
     """key=value overrides of every stage of every point (data paths, launch settings)."""
     grid: dict[str, list[Any]] = field(default_factory=dict)
-    """'<stage name>.<key>' → values; the sweep runs every combination (e.g. codec.lmbda: [0.0035, 0.013])."""
+    """'<stage name>.<key>' → values (e.g. codec.lmbda: [0.0035, 0.013]), combined as `combine` says."""
+    combine: str = "product"
+    """product: every combination of the grid's values; zip: the i-th value of every key together
+    (keys that move with λ, such as a later stage's distortion weight or CompressAI's N and M)."""
     rd_stage: str = ""
     """Stage whose manifest metrics make the RD points (empty: the pipeline's last stage)."""
     launcher: str = "local"
@@ -64,6 +68,11 @@ class SweepConfig:
     def __post_init__(self) -> None:
         if self.launcher not in ("local", "slurm"):
             raise ConfigError(f"launcher must be local or slurm, got '{self.launcher}'")
+        if self.combine not in ("product", "zip"):
+            raise ConfigError(f"combine must be product or zip, got '{self.combine}'")
+        if self.combine == "zip" and len({len(v) for v in self.grid.values()}) > 1:
+            raise ConfigError("combine=zip needs the same number of values under every grid key, got "
+                              + ", ".join(f"{k}: {len(v)}" for k, v in self.grid.items()))
         for key, values in self.grid.items():
             if "." not in key:
                 raise ConfigError(f"grid key '{key}' must be '<stage name>.<config key>'")
@@ -77,7 +86,8 @@ class SweepConfig:
 
 def points(sweep: SweepConfig) -> list[dict[str, Any]]:
     keys = list(sweep.grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(sweep.grid[k] for k in keys))]
+    combine = zip if sweep.combine == "zip" else itertools.product
+    return [dict(zip(keys, values)) for values in combine(*(sweep.grid[k] for k in keys))]
 
 
 def point_name(point: dict[str, Any]) -> str:
@@ -97,6 +107,8 @@ def point_pipeline(sweep: SweepConfig, point: dict[str, Any]) -> PipelineConfig:
         if stage not in by_name:
             raise ConfigError(f"grid key '{key}': no stage named '{stage}' (stages: {', '.join(by_name)})")
         by_name[stage].overrides.append(f"{dotted}={value}")
+    if sweep.rd_stage and sweep.rd_stage not in by_name:
+        raise ConfigError(f"rd_stage '{sweep.rd_stage}': no such stage (stages: {', '.join(by_name)})")
     pipeline.plan(base)  # every point's every stage must validate before the first one trains
     return base
 
@@ -149,18 +161,19 @@ def write_sbatch(sweep: SweepConfig, count: int) -> Path:
 
 def aggregate(sweep: SweepConfig) -> Path:
     """RD JSON (CompressAI's results format) and plot over the points whose RD stage has finished."""
-    manifests, missing = [], []
+    manifests, missing, prefixes = [], [], set()
     for point in points(sweep):
         cfg = point_pipeline(sweep, point)
-        stage = sweep.rd_stage or cfg.stages[-1].name
-        final = Path(cfg.output_root) / cfg.run / stage / "final"
+        stage = {s.name: s for s in cfg.stages}[sweep.rd_stage or cfg.stages[-1].name]
+        prefixes.add(STAGE_KINDS[stage.kind].rd_prefix)
+        final = Path(cfg.output_root) / cfg.run / stage.name / "final"
         try:
             manifests.append((point, read_manifest(final, verify=False)))
         except ManifestError:
             missing.append(cfg.run)
     if not manifests:
         raise ConfigError(f"no finished point in sweep {sweep.name} yet")
-    results = rd_results(sweep.name, f"sweep over {', '.join(sweep.grid)}", manifests)
+    results = rd_results(sweep.name, f"sweep over {', '.join(sweep.grid)}", manifests, prefix=prefixes.pop())
     out = sweep.sweep_dir / "rd.json"
     atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     plot_rd([results], sweep.sweep_dir / "rd.png")

@@ -44,3 +44,19 @@ def test_errors_are_named():
     with pytest.raises(ValueError, match="unknown BD method"):
         bd_rate(RATES, PSNR, RATES, PSNR, "akima")
     assert math.isfinite(bd_rate(RATES, PSNR, RATES[::-1], PSNR[::-1]))
+
+
+def test_rd_results_read_a_stages_own_metrics_and_order_points_by_rate():
+    from types import SimpleNamespace
+
+    from evaluation.rd import rd_results
+
+    def manifest(lmbda, bpp, psnr):
+        return SimpleNamespace(lmbda=lmbda, metrics={"val/all/bpp": bpp, "val/all/psnr": psnr, "val/denoise/bpp": 9.0})
+
+    points = [({"codec.lmbda": 0.01}, manifest(0.01, 0.8, 30.0)), ({"codec.lmbda": 0.001}, manifest(0.001, 0.2, 25.0))]
+    results = rd_results("s", "d", points, prefix="val/all/")
+    assert results["results"] == {"bpp": [0.2, 0.8], "psnr-rgb": [25.0, 30.0]}
+    assert [p["lmbda"] for p in results["points"]] == [0.001, 0.01]
+    with pytest.raises(KeyError, match="val/bpp"):
+        rd_results("s", "d", points)

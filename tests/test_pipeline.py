@@ -116,6 +116,19 @@ def test_slurm_launcher_writes_a_job_array_of_full_pipeline_runs(tmp_path, shard
     assert not any((tmp_path / "sweeps" / "lam").glob("*/codec"))  # nothing trained here
 
 
+def test_a_zipped_grid_moves_keys_together_and_refuses_uneven_lists(tmp_path, shard_dir, eval_dir):
+    pipe = pipeline_yaml(tmp_path / "p.yaml", shard_dir, eval_dir, finetune=False)
+    grid = {"codec.lmbda": [0.001, 0.01, 0.1], "codec.codec.N": [32, 48, 64]}
+    cfg = load_config(SweepConfig, overrides=["name=z", f"pipeline={pipe}", "combine=zip"])
+    cfg.grid = grid
+    assert sweep.points(cfg) == [{"codec.lmbda": lam, "codec.codec.N": n} for lam, n in zip(*grid.values())]
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"name": "z", "pipeline": str(pipe), "combine": "zip",
+                                    "grid": {"codec.lmbda": [0.001, 0.01], "codec.codec.N": [32]}}))
+    with pytest.raises(ConfigError, match="same number of values.*codec.codec.N: 1"):
+        load_config(SweepConfig, [spec])
+
+
 def test_a_non_finite_loss_stops_the_stage_naming_the_step_and_keeps_the_last_good_checkpoint(
         tmp_path, shard_dir, eval_dir, monkeypatch):
     calls = {"n": 0}
