@@ -50,6 +50,10 @@ class DiffusionPriorConfig:
     """Trade compute for memory in the UNet during training."""
     vae_tile: int = 512
     """Encode/decode images larger than this many pixels in overlapping tiles (0: never tile)."""
+    residual: bool = False
+    """The UNet predicts the clean sample minus the condition (needs a scheduler that predicts
+    `sample` and a condition in the UNet's output space): with a zero conv_out, as in the tiny-pixel
+    preset, restoration starts from the identity, which a prior trained from scratch needs."""
     sample_steps: int = 4
     """DDIM steps when sampling; few-step models (sd-turbo) need 1–4."""
     text_encoder: bool = False
@@ -80,6 +84,10 @@ class DiffusionPrior(nn.Module):
         if cfg.condition_channels not in (0, self.unet.config.in_channels):
             raise ValueError(f"prior.condition_channels must be 0 or the UNet's {self.unet.config.in_channels} input "
                              f"channels (the image to restore enters in the UNet's own space), got {cfg.condition_channels}")
+        if cfg.residual and (self.scheduler.config.prediction_type != "sample"
+                             or cfg.condition_channels != self.unet.config.out_channels):
+            raise ValueError("prior.residual needs a scheduler with prediction_type 'sample' and a condition with "
+                             "the UNet's output channels")
         if cfg.condition_channels:
             expand_conv_in(self.unet, cfg.condition_channels)
         if cfg.lora_rank:
@@ -158,7 +166,8 @@ class DiffusionPrior(nn.Module):
                 context: torch.Tensor) -> torch.Tensor:
         """The UNet's prediction for noisy latents, given the condition latent and cross-attention tokens."""
         inputs = torch.cat([noisy, condition], dim=1) if self.cfg.condition_channels else noisy
-        return self.unet(inputs, timesteps, encoder_hidden_states=context).sample
+        prediction = self.unet(inputs, timesteps, encoder_hidden_states=context).sample
+        return prediction + condition if self.cfg.residual else prediction
 
     @torch.no_grad()
     def sample(self, condition: torch.Tensor, context: torch.Tensor, generator: torch.Generator | None = None,

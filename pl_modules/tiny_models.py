@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 # Bump when a builder changes, so that no stale folder is loaded under a preset's name.
-PRESET_VERSION = 1
+PRESET_VERSION = 2
 
 
 def resolve_pretrained(name: str) -> str:
@@ -79,18 +79,22 @@ def save_tiny_pixel_diffusion(folder: str | Path, cross_attention_dim: int = 32,
     """A pixel-space prior (unet/, scheduler/; no vae/): a 1 M-parameter UNet whose attention sits at
     the lowest resolution only and attends to the conditioning tokens alone, so its cost grows
     linearly with the pixel count and whole Kodak images restore on a CPU. It predicts the clean
-    image (x0), which few-step DDIM sampling of a small model needs more than epsilon."""
+    image (x0), which few-step DDIM sampling of a small model needs more than epsilon, and its
+    conv_out starts at zero, so that with prior.residual it restores from the identity."""
     import torch
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    UNet2DConditionModel(sample_size=64, in_channels=3, out_channels=3, layers_per_block=1, norm_num_groups=8,
+    unet = UNet2DConditionModel(sample_size=64, in_channels=3, out_channels=3, layers_per_block=1, norm_num_groups=8,
                          block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D", "DownBlock2D",
                                                                             "CrossAttnDownBlock2D"),
                          up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
                          cross_attention_dim=cross_attention_dim, attention_head_dim=8,
-                         only_cross_attention=True).save_pretrained(folder / "unet")
+                         only_cross_attention=True)
+    torch.nn.init.zeros_(unet.conv_out.weight)
+    torch.nn.init.zeros_(unet.conv_out.bias)
+    unet.save_pretrained(folder / "unet")
     DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True, clip_sample_range=1.0,
                   set_alpha_to_one=True, prediction_type="sample").save_pretrained(folder / "scheduler")
     return folder
