@@ -184,6 +184,6 @@ def test_two_process_ddp_trains_the_pixel_preset_and_averages_validation_over_ra
     # One (image, task) item per rank: the overall mean is the mean of the two tasks' values.
     for key in ("psnr", "bpp"):
         expected = (metrics[f"val/denoise/{key}"] + metrics[f"val/dehaze/{key}"]) / 2
-        assert metrics[f"val/all/{key}"] == pytest.approx(expected, rel=1e-6), key
+        assert metrics[f"val/all/{key}"] == pytest.approx(expected, abs=2e-6), key  # manifests keep 6 decimals
     assert metrics["val/denoise/psnr"] != metrics["val/dehaze/psnr"]
     assert torch.load(tmp_path / "default" / "stage2-llicm" / "last.ckpt", weights_only=False)["global_step"] == 4
