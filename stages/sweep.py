@@ -91,8 +91,9 @@ def points(sweep: SweepConfig) -> list[dict[str, Any]]:
 
 
 def point_name(point: dict[str, Any]) -> str:
-    """Readable values plus a short hash of the whole point (values alone can collide once cleaned)."""
-    readable = ",".join(f"{key.split('.')[-1]}={value}" for key, value in point.items())
+    """Readable values plus a short hash of the whole point (values alone can collide once cleaned).
+    No commas: a folder name must pass unquoted inside a ``key=[a,b]`` list override."""
+    readable = "_".join(f"{key.split('.')[-1]}={value}" for key, value in point.items())
     digest = hashlib.sha256(json.dumps(point, sort_keys=True).encode()).hexdigest()[:6]
     return f"{readable.replace('/', '_')}-{digest}"
 

@@ -152,5 +152,5 @@ def test_a_non_finite_loss_stops_the_stage_naming_the_step_and_keeps_the_last_go
 
 def test_sweep_points_are_named_by_their_values_and_a_hash():
     name = sweep.point_name({"codec.lmbda": 0.0067, "codec.codec.N": 128})
-    assert name.startswith("lmbda=0.0067,N=128-") and len(name.rsplit("-", 1)[1]) == 6
+    assert name.startswith("lmbda=0.0067_N=128-") and len(name.rsplit("-", 1)[1]) == 6
     assert name != sweep.point_name({"codec.lmbda": 0.0067, "codec.codec.N": 192})
