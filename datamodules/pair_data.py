@@ -55,7 +55,7 @@ class DegradedFolder(Dataset):
         top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
         clean = image[top: top + height, left: left + width]
         return {"degraded": to_tensor(degrade(clean, task, seed)).unsqueeze(0), "clean": to_tensor(clean).unsqueeze(0),
-                "task": torch.tensor(TASKS.index(task)), "name": f"{path.name}:{task}"}
+                "task": torch.tensor(TASKS.index(task)), "name": f"{path.name}:{task}", "seed": seed}
 
 
 class PairDataModule(CodecDataModule):

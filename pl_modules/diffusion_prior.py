@@ -119,6 +119,11 @@ class DiffusionPrior(nn.Module):
     def latent_scale(self) -> float:
         return self.vae.config.scaling_factor
 
+    def _frozen_autocast(self, device: torch.device):
+        """Frozen bf16 weights take bf16 inputs: Lightning's bf16-mixed autocast gives them that in
+        training; this gives it everywhere else too (evaluate, restore, benchmarks)."""
+        return torch.autocast(device.type, torch.bfloat16, enabled=self.cfg.frozen_dtype == "bfloat16")
+
     def is_trained(self, unet_parameter: str) -> bool:
         """Whether training changes this UNet parameter: all of them with train_unet; otherwise LoRA
         and the conv_in (whose new channels start at zero)."""
@@ -143,11 +148,16 @@ class DiffusionPrior(nn.Module):
         """Images in [0, 1] → scaled latents (the posterior mean: deterministic), or pixels in [-1, 1]."""
         if self.vae is None:
             return image * 2 - 1
-        return self.vae.encode(image * 2 - 1).latent_dist.mode() * self.latent_scale
+        with self._frozen_autocast(image.device):
+            return self.vae.encode(image * 2 - 1).latent_dist.mode() * self.latent_scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         # float32 out whatever the VAE's dtype: metrics and codecs downstream expect it.
-        pixels = latents if self.vae is None else self.vae.decode(latents / self.latent_scale).sample
+        if self.vae is None:
+            pixels = latents
+        else:
+            with self._frozen_autocast(latents.device):
+                pixels = self.vae.decode(latents / self.latent_scale).sample
         return ((pixels.float() + 1) / 2).clamp(0, 1)
 
     def training_target(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -166,7 +176,8 @@ class DiffusionPrior(nn.Module):
                 context: torch.Tensor) -> torch.Tensor:
         """The UNet's prediction for noisy latents, given the condition latent and cross-attention tokens."""
         inputs = torch.cat([noisy, condition], dim=1) if self.cfg.condition_channels else noisy
-        prediction = self.unet(inputs, timesteps, encoder_hidden_states=context).sample
+        with self._frozen_autocast(inputs.device):
+            prediction = self.unet(inputs, timesteps, encoder_hidden_states=context).sample
         return prediction + condition if self.cfg.residual else prediction
 
     @torch.no_grad()
@@ -201,9 +212,10 @@ class DiffusionPrior(nn.Module):
     def save_trained(self, folder: str | Path) -> dict[str, Path]:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        for name, state in self.trained_state().items():
+        states = self.trained_state()
+        for name, state in states.items():
             save_file(state, str(folder / name))
-        return {name: folder / name for name in self.trained_state()}
+        return {name: folder / name for name in states}
 
     def load_trained(self, folder: str | Path) -> None:
         """Strictly: every LoRA key of this configuration must be in the file, and nothing else."""

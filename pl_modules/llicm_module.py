@@ -139,7 +139,7 @@ class LLICMModule(L.LightningModule):
         degraded, clean, label = batch["degraded"], batch["clean"], int(batch["task"])
         stream = encode_image(self.codec, degraded, _IN_MEMORY_SHA)
         decoded = decode_image(self.codec, stream, _IN_MEMORY_SHA)
-        restored, logits = self.restore(decoded, seed=batch_idx)
+        restored, logits = self.restore(decoded, seed=batch["seed"])  # per item: the same under any world size
         metrics = {"bpp": stream.bits_per_pixel(), "psnr": psnr(restored, clean),
                    "accuracy": float(logits.argmax(-1).item() == label)}
         if min(clean.shape[-2:]) >= MS_SSIM_MIN_SIDE:

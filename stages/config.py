@@ -27,6 +27,9 @@ class ConfigError(ValueError):
 LAUNCH_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "progress_bar", "log_every")
 
 
+PRECISIONS = ("32-true", "bf16-mixed")
+
+
 @dataclass
 class TrainerConfig:
     """How Lightning runs a stage; launch mode (local, torchrun, SLURM) is only these fields."""
@@ -48,7 +51,8 @@ class TrainerConfig:
     strategy: str = "auto"
     """Lightning strategy: auto, ddp, ddp_find_unused_parameters_true, ..."""
     precision: str = "32-true"
-    """Lightning precision: 32-true, bf16-mixed, 16-mixed."""
+    """Lightning precision: 32-true or bf16-mixed (fp16 loss scaling would not reach the entropy
+    models' auxiliary optimizer, which every stage steps by hand)."""
     seed: int = 0
     """Seed of everything random: weights, data order, crops, quantisation noise."""
     progress_bar: bool = True
@@ -58,6 +62,9 @@ class TrainerConfig:
         for name in ("max_steps", "val_every", "checkpoint_every", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"trainer.{name} must be positive, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"trainer.precision must be one of {PRECISIONS} (fp16 loss scaling would not reach "
+                              f"the auxiliary optimizer), got '{self.precision}'")
 
 
 @dataclass

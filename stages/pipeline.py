@@ -26,7 +26,7 @@ class PipelineStage:
     name: str = "???"
     """The stage's folder in the run, and how later stages refer to it."""
     kind: str = "???"
-    """Stage kind (see stages/registry.py): stage1."""
+    """Stage kind (see stages/registry.py): stage1 or stage2-llicm."""
     config: list[str] = field(default_factory=list)
     """YAML presets of the stage's schema, merged in order."""
     overrides: list[str] = field(default_factory=list)

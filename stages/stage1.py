@@ -17,7 +17,6 @@ from stages.trainer import last_checkpoint, train_stage
 
 STAGE = "stage1"
 WEIGHTS = "codec.safetensors"
-PRECISIONS = ("32-true", "bf16-mixed")
 
 
 @dataclass
@@ -69,9 +68,6 @@ class Stage1Config(StageConfig):
             raise ConfigError(f"data.crop must be at least 192 for ms-ssim, got {self.data.crop}")
         if self.codec.architecture not in ARCHITECTURES:
             raise ConfigError(f"codec.architecture '{self.codec.architecture}' is not one of {sorted(ARCHITECTURES)}")
-        if self.trainer.precision not in PRECISIONS:
-            raise ConfigError(f"trainer.precision must be one of {PRECISIONS} (fp16 loss scaling would not reach "
-                              f"the auxiliary optimizer), got '{self.trainer.precision}'")
         if self.lmbda <= 0:
             raise ConfigError(f"lmbda must be positive, got {self.lmbda}")
 

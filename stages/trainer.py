@@ -22,11 +22,12 @@ _EXTRA_CALLBACKS: list[Callback] = []
 def extra_callbacks(*callbacks: Callback):
     """Add callbacks to every trainer built inside the block: instrumentation (step timers in
     benchmarks, fault injection in tests) that is no part of a stage's config."""
+    depth = len(_EXTRA_CALLBACKS)
     _EXTRA_CALLBACKS.extend(callbacks)
     try:
         yield
     finally:
-        del _EXTRA_CALLBACKS[-len(callbacks):]
+        del _EXTRA_CALLBACKS[depth:]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -29,6 +29,14 @@ def test_bad_values_fail_naming_the_key(overrides, message):
         load_config(Stage1Config, overrides=[*REQUIRED, *overrides])
 
 
+def test_stage2_refuses_fp16_too_its_codec_has_the_same_auxiliary_optimizer():
+    from stages.stage2_llicm import Stage2LLICMConfig
+
+    with pytest.raises(ConfigError, match="trainer.precision must be one of"):
+        load_config(Stage2LLICMConfig, overrides=["init_from=/f", "prior.model=m", "clip_model=c", *REQUIRED,
+                                                  "trainer.precision=16-mixed"])
+
+
 def test_missing_required_value_is_named():
     with pytest.raises(ConfigError, match="missing required value: data.val_dir"):
         load_config(Stage1Config, overrides=["data.train_shards=/s"])

@@ -200,6 +200,10 @@ def test_frozen_weights_in_bfloat16_train_fp32_adapters_under_autocast(tiny_fold
         loss = (model.denoise(noisy, t, condition, context).float() - noisy).pow(2).mean()
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+    # Outside a trainer's autocast too (evaluate, restore): float32 in, float32 image out.
+    with torch.no_grad():
+        image = model.decode(model.sample(model.encode(torch.rand(1, 3, 64, 64)), context[:1]))
+    assert image.dtype == torch.float32 and image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         prior(tiny_folder, frozen_dtype="float16")
 
