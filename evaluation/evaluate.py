@@ -145,8 +145,10 @@ def restoration_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]
                 data, decoded = round_trip(model.codec, degraded, sha)
                 restored, _ = model.restore(decoded, seed)
                 target = to_tensor(clean).unsqueeze(0)
+                # FID/KID against the crop that was restored, not the whole original.
+                reference = {"_inception_ref": distribution.inception_features(target)} if _WORKER["fid"] else {}
                 for method, image in ((f"{name}-{task}", restored), (f"{name}-{task}-decoded", decoded)):
-                    rows.append({"method": method, "setting": manifest.lmbda, "image": path.name,
+                    rows.append({"method": method, "setting": manifest.lmbda, "image": path.name, **reference,
                                  "bpp": 8 * len(data) / (height * width), **measure_all(metrics, image, target)})
     return rows
 
@@ -208,6 +210,6 @@ def _point(group: list[dict], metrics: list[str], originals: dict[str, np.ndarra
     """One RD point: per-image means, and FID/KID over the patches of all its images."""
     point = {k: sum(r[k] for r in group) / len(group) for k in ["bpp", *metrics]}
     if originals:
-        real = np.concatenate([originals[r["image"]] for r in group])
+        real = np.concatenate([r["_inception_ref"] if "_inception_ref" in r else originals[r["image"]] for r in group])
         point.update(distribution.fid_kid(real, np.concatenate([r["_inception"] for r in group])))
     return point
