@@ -32,6 +32,14 @@ def load_rgb(source: str | Path | bytes) -> np.ndarray:
         return np.array(image.convert("RGB"))
 
 
+def centre_crop(image: np.ndarray, max_side: int = 0, multiple: int = 64) -> np.ndarray:
+    """The centre crop of at most ``max_side`` (0: no limit) whose sides are multiples of
+    ``multiple``: the grid a codec and a VAE take without padding."""
+    height, width = (min(max_side or side, side) // multiple * multiple for side in image.shape[:2])
+    top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
+    return image[top: top + height, left: left + width]
+
+
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """H×W×3 uint8 → 3×H×W float in [0, 1]."""
     if not image.flags.writeable:  # decoders may hand out read-only views of their buffers

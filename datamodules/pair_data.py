@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.codec_data import CodecDataModule, ImageDataConfig
 from datamodules.degradations import TASKS, degrade
-from datamodules.images import list_images, load_rgb, to_tensor
+from datamodules.images import centre_crop, list_images, load_rgb, to_tensor
 
 
 @dataclass
@@ -49,11 +49,7 @@ class DegradedFolder(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         seed, (path, task) = self.items[index]
-        image = load_rgb(path)
-        # A centre crop of at most val_crop, on the 64-px grid the codec and the VAE need.
-        height, width = (min(self.crop, side // 64 * 64) for side in image.shape[:2])
-        top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
-        clean = image[top: top + height, left: left + width]
+        clean = centre_crop(load_rgb(path), self.crop)
         return {"degraded": to_tensor(degrade(clean, task, seed)).unsqueeze(0), "clean": to_tensor(clean).unsqueeze(0),
                 "task": torch.tensor(TASKS.index(task)), "name": f"{path.name}:{task}", "seed": seed}
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from datamodules.images import list_images, load_rgb, to_tensor
+from datamodules.images import centre_crop, list_images, load_rgb, to_tensor
 from evaluation import distribution, features
 from evaluation.classical import CODECS, code
 from evaluation.metrics import availability, measure
@@ -136,10 +136,8 @@ def restoration_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]
             raise ValueError(f"restorer '{spec}' must be 'name=path/to/final'")
         model, manifest, sha = load_final(folder)
         for seed, path in enumerate(tqdm(images, desc=f"{name} λ={manifest.lmbda}", unit="img")):
-            clean = load_rgb(path)
-            height, width = (min(cfg.restore_crop or side, side) // 64 * 64 for side in clean.shape[:2])
-            top, left = (clean.shape[0] - height) // 2, (clean.shape[1] - width) // 2
-            clean = clean[top: top + height, left: left + width]
+            clean = centre_crop(load_rgb(path), cfg.restore_crop)
+            height, width = clean.shape[:2]
             for task in cfg.tasks:
                 degraded = to_tensor(degrade(clean, task, seed)).unsqueeze(0)
                 data, decoded = round_trip(model.codec, degraded, sha)

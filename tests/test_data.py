@@ -172,3 +172,15 @@ def test_validation_pairs_are_cut_on_the_64_px_grid_even_from_small_images(tmp_p
     item = items[0]
     assert item["clean"].shape == item["degraded"].shape == (1, 3, 320, 448)
     assert not torch.equal(item["clean"], item["degraded"])
+
+
+def test_centre_crop_lands_on_the_64_px_grid_at_the_centre():
+    import numpy as np
+
+    from datamodules.images import centre_crop
+
+    image = np.arange(200 * 330).reshape(200, 330)
+    crop = centre_crop(image)
+    assert crop.shape == (192, 320) and crop[0, 0] == image[4, 5]
+    small = centre_crop(image, 128)
+    assert small.shape == (128, 128) and small[0, 0] == image[36, 101]
