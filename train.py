@@ -11,7 +11,7 @@ EXIT_CONFIG, EXIT_FAILED = 2, 1
 
 
 def schema_help(schema) -> str:
-    from stages.config import describe
+    from foundation.config import describe
 
     rows = describe(schema)
     width = max(len(key) for key, _, _ in rows)
@@ -76,25 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     compress = sub.add_parser("compress", help="encode an image into a bitstream file")
     compress.add_argument("image")
-    compress.add_argument("-m", "--model", required=True, help="a stage-1 final/ folder")
+    compress.add_argument("-m", "--model", required=True, help="a final/ folder of any stage with a codec")
     compress.add_argument("-o", "--output", required=True)
 
     decompress = sub.add_parser("decompress", help="decode a bitstream file into a PNG")
     decompress.add_argument("bitstream")
     decompress.add_argument("-o", "--output", required=True)
-    decompress.add_argument("-m", "--model", help="a stage-1 final/ folder (default: found under checkpoints/ "
-                                                  "by the weights hash the file names)")
+    decompress.add_argument("-m", "--model", help="a final/ folder (default: found under checkpoints/ by the "
+                                                  "decoder id the file names)")
     return parser
 
 
 def resolve_config(args):
-    from stages.config import load_config, to_yaml
+    from foundation.config import load_config, to_yaml
 
-    cfg = load_config(args.schema, [*args.presets, *args.config], args.overrides)
+    files = [*args.presets, *args.config]
     if args.print_config:
-        print(to_yaml(cfg), end="")
+        # The template as it stands: required values not yet given show as ???.
+        print(to_yaml(load_config(args.schema, files, args.overrides, allow_missing=True)), end="")
         return None
-    return cfg
+    return load_config(args.schema, files, args.overrides)
 
 
 def run_command(args) -> None:
@@ -109,12 +110,12 @@ def run_command(args) -> None:
             summary = write_shards(args.src_dir, args.out_dir, args.samples_per_shard, args.min_size)
         print(summary.report())
     elif args.command == "compress":
-        from stages.codec_io import compress_file
+        from pl_modules.codec_io import compress_file
 
         result = compress_file(args.image, args.model, args.output)
         print(f"{result.path}: {result.num_bytes} bytes, {result.width}x{result.height}, {result.bpp:.4f} bpp")
     elif args.command == "decompress":
-        from stages.codec_io import decompress_file
+        from pl_modules.codec_io import decompress_file
 
         print(f"wrote {decompress_file(args.bitstream, args.output, args.model)}")
     elif args.command == "bd-rate":
@@ -161,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # Frozen pretrained parts (VAE, UNet base, CLIP) stay in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    from foundation.config import ConfigError
+    from foundation.manifest import ManifestError
     from pl_modules.bitstream import BitstreamError
-    from stages.config import ConfigError
-    from stages.manifest import ManifestError
 
     args = build_parser().parse_args(argv)
     try:

@@ -28,12 +28,13 @@ from torchvision import transforms  # noqa: E402
 
 from datamodules.images import list_images, load_rgb, to_tensor  # noqa: E402
 from datamodules.shards import write_shards  # noqa: E402
+from foundation.config import load_config  # noqa: E402
 from pl_modules.bitstream import encode_image, pad_to_multiple  # noqa: E402
 from pl_modules.codecs import build_codec  # noqa: E402
+from pl_modules.finals import load_final  # noqa: E402
 from pl_modules.losses import bits_per_pixel  # noqa: E402
 from stages import stage1  # noqa: E402
 from stages import trainer as trainer_module  # noqa: E402
-from stages.config import load_config  # noqa: E402
 from stages.stage1 import Stage1Config  # noqa: E402
 
 
@@ -122,7 +123,8 @@ def bpp_ratio(args, shards: Path, workdir: Path) -> list[float]:
         f"trainer.max_steps={args.train_steps}", f"trainer.val_every={args.train_steps}",
         "trainer.checkpoint_every=1000000", "trainer.progress_bar=false", "trainer.accelerator=cpu",
         "trainer.devices=1"])
-    codec, _, sha = stage1.load_final(args.model or stage1.run(cfg))
+    final = load_final(args.model or stage1.run(cfg))
+    codec, sha = final.codec, final.stream_id
     ratios = []
     for path in list_images(args.kodak):
         x = to_tensor(load_rgb(path)).unsqueeze(0)

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.diffusion_prior_gpu import save_sd21_sized  # noqa: E402
 from benchmarks.stage1_throughput import StepTimer  # noqa: E402
 from datamodules.shards import write_pair_shards, write_shards  # noqa: E402
+from foundation.config import load_config  # noqa: E402
 from stages import stage1, stage2_llicm  # noqa: E402
 from stages import trainer as trainer_module  # noqa: E402
-from stages.config import load_config  # noqa: E402
 
 
 def save_clip_l_vision(folder: Path) -> Path:

@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from datamodules.images import list_images, load_rgb
-from stages.files import atomic_write_text
+from foundation.files import atomic_write_text
 
 INDEX = "index.json"
 _KEEP_AS_IS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}

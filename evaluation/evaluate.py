@@ -16,11 +16,14 @@ import torch
 from tqdm import tqdm
 
 from datamodules.images import centre_crop, list_images, load_rgb, to_tensor
-from evaluation import distribution, features
+from evaluation import distribution
 from evaluation.classical import CODECS, code
-from evaluation.metrics import availability, measure
 from evaluation.rd import plot_rd
+from pl_modules import features
 from pl_modules.bitstream import round_trip
+from pl_modules.finals import load_final
+from pl_modules.llicm_module import STAGE as LLICM_STAGE
+from pl_modules.metrics import availability, measure
 
 # CompressAI's results keys for the metrics that have one.
 RESULT_KEYS = {"psnr": "psnr-rgb"}
@@ -101,15 +104,14 @@ def measure_all(metrics: list[str], x_hat: torch.Tensor, x: torch.Tensor) -> dic
 
 
 def learned_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]) -> list[dict]:
-    from stages.stage1 import load_final
-
     rows = []
     for model in cfg.models:
-        codec, manifest, sha = load_final(model)
-        for path in tqdm(images, desc=f"{cfg.models_name} λ={manifest.lmbda}", unit="img"):
+        final = load_final(model, need_codec=True)
+        codec, sha = final.codec, final.stream_id
+        for path in tqdm(images, desc=f"{cfg.models_name} λ={final.setting}", unit="img"):
             x = to_tensor(load_rgb(path)).unsqueeze(0)
             data, decoded = round_trip(codec, x, sha)
-            rows.append({"method": cfg.models_name, "setting": manifest.lmbda, "image": path.name,
+            rows.append({"method": cfg.models_name, "setting": final.setting, "image": path.name,
                          "bpp": 8 * len(data) / (x.shape[-2] * x.shape[-1]),
                          **measure_all(metrics, decoded, x)})
     return rows
@@ -122,7 +124,6 @@ def restoration_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]
     Images are centre-cropped to a multiple of 64 (and to restore_crop) so that codec and VAE need no
     padding."""
     from datamodules.degradations import TASKS, degrade
-    from stages.stage2_llicm import load_final
 
     for task in cfg.tasks:
         if task not in TASKS:
@@ -134,8 +135,9 @@ def restoration_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]
         name, _, folder = spec.partition("=")
         if not folder:
             raise ValueError(f"restorer '{spec}' must be 'name=path/to/final'")
-        model, manifest, sha = load_final(folder)
-        for seed, path in enumerate(tqdm(images, desc=f"{name} λ={manifest.lmbda}", unit="img")):
+        final = load_final(folder, expect_stage=LLICM_STAGE)
+        model, sha = final.model, final.stream_id
+        for seed, path in enumerate(tqdm(images, desc=f"{name} λ={final.setting}", unit="img")):
             clean = centre_crop(load_rgb(path), cfg.restore_crop)
             height, width = clean.shape[:2]
             for task in cfg.tasks:
@@ -146,7 +148,7 @@ def restoration_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]
                 # FID/KID against the crop that was restored, not the whole original.
                 reference = {"_inception_ref": distribution.inception_features(target)} if _WORKER["fid"] else {}
                 for method, image in ((f"{name}-{task}", restored), (f"{name}-{task}-decoded", decoded)):
-                    rows.append({"method": method, "setting": manifest.lmbda, "image": path.name, **reference,
+                    rows.append({"method": method, "setting": final.setting, "image": path.name, **reference,
                                  "bpp": 8 * len(data) / (height * width), **measure_all(metrics, image, target)})
     return rows
 

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from datamodules.images import list_images, load_rgb, to_tensor
-from evaluation.features import ClipFidelity
-from evaluation.metrics import METRICS, Unavailable, availability
+from pl_modules.features import ClipFidelity
+from pl_modules.metrics import METRICS, Unavailable, availability
 
 
 @dataclass
@@ -24,6 +24,7 @@ class JudgeConfig:
     bootstrap: int = 1000
     """Bootstrap resamples of the pairs for the 95 % confidence interval."""
     seed: int = 0
+    """Seed of the bootstrap resampling."""
 
 
 def load_pairs(folder: str | Path) -> list[dict]:

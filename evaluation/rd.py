@@ -9,16 +9,16 @@ from typing import Any
 RD_KEYS = {"psnr": "psnr-rgb", "ms_ssim": "ms-ssim", "lpips": "lpips"}
 
 
-def rd_results(name: str, description: str, points: list[tuple[dict[str, Any], Any]], prefix: str = "val/") -> dict:
-    """One curve from (grid point, manifest) pairs, ordered by rate; ``prefix`` picks the metrics
-    (stage 1 logs val/bpp, stage 2 val/all/bpp over every task and val/<task>/bpp per task)."""
-    ordered = sorted(points, key=lambda pm: pm[1].metrics[f"{prefix}bpp"])
-    results = {"bpp": [m.metrics[f"{prefix}bpp"] for _, m in ordered]}
+def rd_results(name: str, description: str, points: list[tuple[dict[str, Any], dict[str, float]]],
+               prefix: str = "val/") -> dict:
+    """One curve from (grid point, manifest metrics) pairs, ordered by rate; ``prefix`` picks the
+    metrics (stage 1 logs val/bpp, stage 2 val/all/bpp over every task and val/<task>/bpp per task)."""
+    ordered = sorted(points, key=lambda pm: pm[1][f"{prefix}bpp"])
+    results = {"bpp": [m[f"{prefix}bpp"] for _, m in ordered]}
     for metric, key in RD_KEYS.items():
-        if all(prefix + metric in m.metrics for _, m in ordered):
-            results[key] = [m.metrics[prefix + metric] for _, m in ordered]
-    return {"name": name, "description": description, "results": results,
-            "points": [{**point, "lmbda": m.lmbda} for point, m in ordered]}
+        if all(prefix + metric in m for _, m in ordered):
+            results[key] = [m[prefix + metric] for _, m in ordered]
+    return {"name": name, "description": description, "results": results, "points": [p for p, _ in ordered]}
 
 
 def plot_rd(curves: list[dict], out: str | Path) -> Path:

@@ -1,6 +1,7 @@
 """CompressAI architectures by the names CompressAI's zoo uses, and strict weight loading."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +18,7 @@ from compressai.models import (
 from safetensors.torch import load_file, save_file
 
 ARCHITECTURES: dict[str, Callable[[int, int], CompressionModel]] = {}
+CODEC_FILE = "codec.safetensors"
 
 # Every architecture here downsamples by 2^6 at most (4 in the analysis transform, 2 in the hyper-analysis).
 PAD_MULTIPLE = 64
@@ -41,6 +43,20 @@ register("cheng2020-anchor")(lambda N, M: Cheng2020Anchor(N))
 register("cheng2020-attn")(lambda N, M: Cheng2020Attention(N))
 
 
+@dataclass
+class CodecConfig:
+    architecture: str = "bmshj2018-hyperprior"
+    """CompressAI architecture: bmshj2018-factorized, bmshj2018-hyperprior, mbt2018-mean, mbt2018, cheng2020-anchor, cheng2020-attn."""
+    N: int = 128
+    """Channels of the transforms."""
+    M: int = 192
+    """Channels of the latent (ignored by cheng2020-*, whose latent has N channels)."""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"codec.architecture '{self.architecture}' is not one of {sorted(ARCHITECTURES)}")
+
+
 def build_codec(architecture: str, N: int, M: int) -> CompressionModel:
     if architecture not in ARCHITECTURES:
         raise KeyError(f"unknown codec architecture '{architecture}'; choose one of {sorted(ARCHITECTURES)}")
@@ -57,10 +73,14 @@ def split_parameters(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], 
     return [named[n] for n in sorted(net_names)], [named[n] for n in sorted(aux_names)]
 
 
-def save_codec(model: CompressionModel, path: str | Path) -> None:
+def codec_state(model: CompressionModel) -> dict[str, torch.Tensor]:
     """Weights after ``update(force=True)``, so the CDF tables the entropy coder uses travel with them."""
     model.update(force=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_codec(model: CompressionModel, path: str | Path) -> None:
+    save_file(codec_state(model), str(path))
 
 
 def load_codec_weights(model: CompressionModel, path: str | Path) -> CompressionModel:

@@ -105,11 +105,13 @@ class DiffusionPrior(nn.Module):
                 if not self.is_trained(name):
                     param.data = param.data.to(torch.bfloat16)
 
-    def _add_lora(self) -> None:
+    def _add_lora(self, rank: int | None = None, alpha: int | None = None, targets: list[str] | None = None,
+                  name: str = "default") -> None:
         from peft import LoraConfig
 
-        self.unet.add_adapter(LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_alpha,
-                                         target_modules=list(self.cfg.lora_targets), init_lora_weights="gaussian"))
+        self.unet.add_adapter(LoraConfig(r=rank or self.cfg.lora_rank, lora_alpha=alpha or self.cfg.lora_alpha,
+                                         target_modules=list(targets or self.cfg.lora_targets),
+                                         init_lora_weights="gaussian"), adapter_name=name)
 
     @property
     def vae_scale(self) -> int:
@@ -179,6 +181,19 @@ class DiffusionPrior(nn.Module):
         with self._frozen_autocast(inputs.device):
             prediction = self.unet(inputs, timesteps, encoder_hidden_states=context).sample
         return prediction + condition if self.cfg.residual else prediction
+
+    def diffusion_loss(self, x0: torch.Tensor, condition: torch.Tensor | None, context: torch.Tensor,
+                       noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample MSE of the UNet's prediction against its training target, for ``x0`` noised with
+        ``noise`` at ``timesteps`` (drawn here when not given). Passes that must be compared — model
+        and reference in Diffusion-DPO, z and ẑ in the semantic-consistency loss — share them."""
+        noise = torch.randn_like(x0) if noise is None else noise
+        if timesteps is None:
+            timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(x0),), device=x0.device)
+        noisy = self.scheduler.add_noise(x0, noise, timesteps)
+        prediction = self.denoise(noisy, timesteps, condition, context)
+        target = self.training_target(x0, noise, timesteps)
+        return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
 
     @torch.no_grad()
     def sample(self, condition: torch.Tensor, context: torch.Tensor, generator: torch.Generator | None = None,

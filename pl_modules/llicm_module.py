@@ -3,51 +3,77 @@ from the decoded (degraded) one is close to the ideal clean image. Frozen CLIP f
 decoded image drive a controller whose tokens condition the UNet's cross-attention."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from pathlib import Path
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.optim.lr_scheduler import LambdaLR
+from safetensors.torch import load_file
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as ms_ssim
 
 from datamodules.degradations import TASKS
-from evaluation.metrics import availability, measure
+from foundation.config import ModuleConfig
+from pl_modules.base import StageModule
 from pl_modules.bitstream import decode_image, encode_image
-from pl_modules.codecs import build_codec, split_parameters
+from pl_modules.codec_module import IN_MEMORY_ID
+from pl_modules.codecs import CODEC_FILE, CodecConfig, build_codec, codec_state, load_codec_weights, split_parameters
 from pl_modules.controller import DegradationController, FrozenClipImageEncoder
-from pl_modules.diffusion_prior import DiffusionPrior
-from pl_modules.image_means import ImageMeans
+from pl_modules.diffusion_prior import DiffusionPrior, DiffusionPriorConfig
 from pl_modules.losses import MS_SSIM_MIN_SIDE, bits_per_pixel, llicm_loss, psnr
-from pl_modules.schedules import lr_factor, step_seed
+from pl_modules.metrics import availability, measure
+from pl_modules.schedules import OptimConfig
 
-if TYPE_CHECKING:
-    from stages.stage2_llicm import Stage2LLICMConfig
-
-_IN_MEMORY_SHA = "00" * 32
-VAL_METRICS = tuple(f"val/{task}/{m}" for task in (*TASKS, "all")
-                    for m in ("bpp", "psnr", "ms_ssim", "lpips", "accuracy"))
+STAGE = "stage2-llicm"
+CONTROLLER_FILE = "controller.safetensors"
 
 
-class LLICMModule(L.LightningModule):
-    def __init__(self, cfg: Stage2LLICMConfig):
-        super().__init__()
-        from stages.config import to_dict
+@dataclass
+class LLICMConfig(ModuleConfig):
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    """The stage-1 codec's architecture; must match init_from's manifest."""
+    prior: DiffusionPriorConfig = field(default_factory=DiffusionPriorConfig)
+    clip_model: str = "???"
+    """CLIP (hub id or local folder) whose frozen image features drive the controller."""
+    content_tokens: int = 4
+    """Cross-attention tokens describing content (one more names the degradation)."""
+    train_codec: bool = True
+    """Train the codec jointly (LL-ICM) or keep the stage-1 codec frozen (the baseline's first half)."""
+    alpha: float = 1.0
+    """Weight of MSE(X̂, X): the decoded image against the degraded input."""
+    beta: float = 0.01
+    """Weight of the rate R in bpp."""
+    gamma: float = 1.0
+    """Weight of the diffusion loss toward the ideal (clean) image."""
+    classification: float = 0.1
+    """Weight of the controller's degradation classification (cross-entropy)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Adam for the prior and the controller (lr, schedule, clipping), Adam for the quantiles (aux_lr)."""
+    codec_lr: float = 0.0
+    """Learning rate of the codec when it trains jointly (0: optim.lr); a pretrained codec usually
+    wants less than the modules that start from scratch. The schedule scales it too."""
 
-        self.cfg = cfg
-        self.save_hyperparameters(to_dict(cfg))
-        self.automatic_optimization = False  # network and entropy-model quantiles have their own optimizers
+    def __post_init__(self) -> None:
+        if self.prior.frozen_dtype == "bfloat16" and self.trainer.precision != "bf16-mixed":
+            raise ValueError("prior.frozen_dtype=bfloat16 needs trainer.precision=bf16-mixed")
+        if not self.prior.condition_channels:
+            raise ValueError("prior.condition_channels must be the UNet's input channels: the decoded image "
+                             "conditions the restoration")
+
+
+class LLICMModule(StageModule):
+    STAGE = STAGE
+    CONFIG = LLICMConfig
+    VAL_METRICS = tuple(f"val/{task}/{m}" for task in (*TASKS, "all")
+                        for m in ("bpp", "psnr", "ms_ssim", "lpips", "accuracy"))
+
+    def __init__(self, cfg: LLICMConfig):
+        super().__init__(cfg)
         self.codec = build_codec(cfg.codec.architecture, cfg.codec.N, cfg.codec.M)
         self.prior = DiffusionPrior(cfg.prior)
         self.clip = FrozenClipImageEncoder(cfg.clip_model, cfg.prior.local_files_only)
         self.controller = DegradationController(self.clip.dim, self.prior.unet.config.cross_attention_dim,
                                                 len(TASKS), cfg.content_tokens)
-        self.val_means = ImageMeans(VAL_METRICS)
         self.lpips_unavailable = availability(["lpips"])["lpips"]
-        self.validated_at_step = -1
-        # Checkpoints leave out the frozen pretrained weights (GBs at SD size); on_load_checkpoint
-        # checks that nothing else is missing.
-        self.strict_loading = False
 
     def is_frozen_weight(self, key: str) -> bool:
         """Pretrained and never trained: the VAE, CLIP and the UNet but for what the prior trains."""
@@ -56,9 +82,7 @@ class LLICMModule(L.LightningModule):
         unet = "prior.unet."
         return key.startswith(unet) and not self.prior.is_trained(key[len(unet):])
 
-    def trained_parameters(self) -> tuple[list[dict], list[torch.nn.Parameter]]:
-        """(network parameter groups, auxiliary parameters): what the config trains; everything else
-        is frozen and stays so."""
+    def parameter_groups(self):
         self.codec.requires_grad_(self.cfg.train_codec)
         groups = [{"params": [*self.prior.trainable_parameters(), *self.controller.parameters()]}]
         aux = []
@@ -66,14 +90,6 @@ class LLICMModule(L.LightningModule):
             codec_net, aux = split_parameters(self.codec)
             groups.append({"params": codec_net, "lr": self.cfg.codec_lr or self.cfg.optim.lr})
         return groups, aux
-
-    def configure_optimizers(self):
-        optim = self.cfg.optim
-        groups, aux = self.trained_parameters()
-        net = torch.optim.AdamW(groups, lr=optim.lr, weight_decay=0.0)
-        schedule = LambdaLR(net, lambda step: lr_factor(step, self.cfg.trainer.max_steps, optim.warmup_steps,
-                                                         optim.schedule, optim.final_lr_fraction))
-        return [net, *([torch.optim.Adam(aux, lr=optim.aux_lr)] if aux else [])], [schedule]
 
     def losses(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """(LL-ICM loss terms, auxiliary entropy-model loss) of one batch of pairs."""
@@ -85,45 +101,14 @@ class LLICMModule(L.LightningModule):
         with torch.no_grad():
             target = self.prior.encode(clean)
         logits, tokens = self.controller(self.clip(x_hat.detach()))
-        noise = torch.randn_like(target)
-        timesteps = torch.randint(0, self.prior.scheduler.config.num_train_timesteps, (len(target),),
-                                  device=target.device)
-        noisy = self.prior.scheduler.add_noise(target, noise, timesteps)
-        prediction = self.prior.denoise(noisy, timesteps, condition, tokens)
-        goal = self.prior.training_target(target, noise, timesteps)
-        terms = llicm_loss(x_hat, degraded, bpp, prediction, goal, logits, labels, self.cfg.alpha, self.cfg.beta,
+        task = self.prior.diffusion_loss(target, condition, tokens).mean()
+        terms = llicm_loss(x_hat, degraded, bpp, task, logits, labels, self.cfg.alpha, self.cfg.beta,
                            self.cfg.gamma, self.cfg.classification)
         aux_loss = self.codec.aux_loss() if self.cfg.train_codec else torch.zeros((), device=bpp.device)
         return terms, aux_loss
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        torch.manual_seed(step_seed(self.cfg.trainer.seed, self.global_step, self.global_rank))
-        terms, aux_loss = self.losses(batch)
-        finite = bool(torch.isfinite(terms["loss"]) and torch.isfinite(aux_loss))
-        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
-            raise FloatingPointError(f"non-finite loss at step {self.global_step}; last.ckpt holds the last good state")
-        optimizers = self.optimizers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(terms["loss"] + aux_loss)
-        if self.cfg.optim.clip_grad_norm > 0:
-            self.clip_gradients(optimizers[0], gradient_clip_val=self.cfg.optim.clip_grad_norm,
-                                gradient_clip_algorithm="norm")
-        optimizers[0].step()
-        for optimizer in optimizers[1:]:
-            optimizer.optimizer.step()  # raw: one global step per batch (see CodecModule)
-        self.lr_schedulers().step()
-        if self.global_step % self.cfg.trainer.log_every == 0 and self.logger is not None:
-            scalars = {f"train/{k}": v.item() for k, v in terms.items()}
-            scalars["train/lr"] = self.lr_schedulers().get_last_lr()[0]
-            self.logger.log_metrics(scalars, step=self.global_step)
-        self.log("loss", terms["loss"].detach(), prog_bar=True, logger=False)
-        return terms["loss"]
-
     def on_validation_epoch_start(self) -> None:
-        self.codec.update(force=True)
-        self.val_means.reset()
+        super().on_validation_epoch_start()
         if self.lpips_unavailable:
             rank_zero_warn(f"validation LPIPS: unavailable: {self.lpips_unavailable}")
 
@@ -137,8 +122,8 @@ class LLICMModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         degraded, clean, label = batch["degraded"], batch["clean"], int(batch["task"])
-        stream = encode_image(self.codec, degraded, _IN_MEMORY_SHA)
-        decoded = decode_image(self.codec, stream, _IN_MEMORY_SHA)
+        stream = encode_image(self.codec, degraded, IN_MEMORY_ID)
+        decoded = decode_image(self.codec, stream, IN_MEMORY_ID)
         restored, logits = self.restore(decoded, seed=batch["seed"])  # per item: the same under any world size
         metrics = {"bpp": stream.bits_per_pixel(), "psnr": psnr(restored, clean),
                    "accuracy": float(logits.argmax(-1).item() == label)}
@@ -149,20 +134,11 @@ class LLICMModule(L.LightningModule):
         for scope in (TASKS[label], "all"):
             self.val_means.add({f"val/{scope}/{k}": v for k, v in metrics.items()})
 
-    def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_means.means(self.trainer.strategy), sync_dist=False)
-        self.validated_at_step = self.global_step
+    def final_states(self):
+        return {**self.prior.trained_state(), CONTROLLER_FILE: self.controller.state_dict(),
+                CODEC_FILE: codec_state(self.codec)}
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not self.is_frozen_weight(k)}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        expected = {k for k in self.state_dict() if not self.is_frozen_weight(k)}
-        missing, unexpected = expected - set(checkpoint["state_dict"]), set(checkpoint["state_dict"]) - expected
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not match this stage-2 model: missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}")
-        # As in CodecModule: CompressAI resizes the coder tables that update() sized.
-        prefix = "codec."
-        self.codec.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items()
-                                    if k.startswith(prefix)})
+    def load_final_states(self, folder: Path) -> None:
+        load_codec_weights(self.codec, folder / CODEC_FILE)
+        self.prior.load_trained(folder)
+        self.controller.load_state_dict(load_file(str(folder / CONTROLLER_FILE)), strict=True)

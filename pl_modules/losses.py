@@ -35,16 +35,15 @@ def psnr(x_hat: torch.Tensor, x: torch.Tensor, data_range: float = 1.0) -> float
     return float("inf") if mse == 0 else 10 * math.log10(data_range**2 / mse)
 
 
-def llicm_loss(x_hat: torch.Tensor, x: torch.Tensor, bpp: torch.Tensor, prediction: torch.Tensor,
-               target: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, alpha: float, beta: float,
-               gamma: float, classification: float) -> dict[str, torch.Tensor]:
+def llicm_loss(x_hat: torch.Tensor, x: torch.Tensor, bpp: torch.Tensor, task: torch.Tensor, logits: torch.Tensor,
+               labels: torch.Tensor, alpha: float, beta: float, gamma: float,
+               classification: float) -> dict[str, torch.Tensor]:
     """LL-ICM's ``α·MSE(X̂, X) + β·R + γ·L_task`` plus the controller's degradation classification.
 
-    ``L_task`` is the diffusion loss toward the ideal image (the UNet's prediction against its target
-    for the noised latent of X_ideal); ``X`` is the degraded image the codec was given.
+    ``L_task`` is the diffusion loss toward the ideal image (the prior's ``diffusion_loss`` of the
+    clean image's latent); ``X`` is the degraded image the codec was given.
     """
     distortion = torch.mean((x_hat - x) ** 2)
-    task = torch.mean((prediction.float() - target.float()) ** 2)
     cls = torch.nn.functional.cross_entropy(logits, labels)
     loss = alpha * distortion + beta * bpp + gamma * task + classification * cls
     accuracy = (logits.argmax(-1) == labels).float().mean()

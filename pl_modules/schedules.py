@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 SCHEDULES = ("cosine", "constant")
 
@@ -26,3 +27,23 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     import numpy as np
 
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Adam learning rate of the network."""
+    aux_lr: float = 1e-3
+    """Adam learning rate of the entropy bottleneck's quantiles (the auxiliary loss)."""
+    clip_grad_norm: float = 1.0
+    """Clip the network's gradient norm to this (0: off)."""
+    schedule: str = "cosine"
+    """LR schedule over trainer.max_steps: cosine (decays to final_lr_fraction) or constant."""
+    warmup_steps: int = 0
+    """Linear LR warm-up steps."""
+    final_lr_fraction: float = 0.01
+    """Cosine schedule's last LR as a fraction of lr."""
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got '{self.schedule}'")

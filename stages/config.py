@@ -1,70 +1,10 @@
-"""Typed configs: one dataclass schema per stage; YAML presets and ``key=value`` overrides only
-change it, so an unknown key or a wrong type fails here, naming the key, before any model is built.
-"""
+"""Where a stage runs and what it starts from: the fields every stage schema adds to the schemas of
+the modules it builds (the loader, the trainer settings and ConfigError live in foundation.config)."""
 from __future__ import annotations
 
-import ast
-import dataclasses
-import inspect
-import textwrap
-from dataclasses import dataclass, field
-from functools import cache
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, TypeVar
-
-from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
-
-T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration problem; its message is one line that names the offending key."""
-
-
-# Trainer settings that change how a stage runs, not what it computes: a finished stage is not
-# out of date because it would now run on more devices or without a progress bar.
-LAUNCH_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "progress_bar", "log_every")
-
-
-PRECISIONS = ("32-true", "bf16-mixed")
-
-
-@dataclass
-class TrainerConfig:
-    """How Lightning runs a stage; launch mode (local, torchrun, SLURM) is only these fields."""
-
-    max_steps: int = 2000
-    """Training steps (batches per rank); the LR schedule spans exactly these."""
-    val_every: int = 500
-    """Validate (estimated and real-bitstream bpp) every this many steps, and at the end."""
-    checkpoint_every: int = 250
-    """Write last.ckpt (full trainer state, for resume) every this many steps."""
-    log_every: int = 50
-    """Log training scalars every this many steps."""
-    accelerator: str = "auto"
-    """Lightning accelerator: auto, cpu, gpu."""
-    devices: str = "auto"
-    """Devices per node: auto, a count, or a list like '0,1'."""
-    num_nodes: int = 1
-    """Nodes in a multi-node job (torchrun or SLURM)."""
-    strategy: str = "auto"
-    """Lightning strategy: auto, ddp, ddp_find_unused_parameters_true, ..."""
-    precision: str = "32-true"
-    """Lightning precision: 32-true or bf16-mixed (fp16 loss scaling would not reach the entropy
-    models' auxiliary optimizer, which every stage steps by hand)."""
-    seed: int = 0
-    """Seed of everything random: weights, data order, crops, quantisation noise."""
-    progress_bar: bool = True
-    """Show a progress bar (switch off for batch jobs whose logs are files)."""
-
-    def __post_init__(self) -> None:
-        for name in ("max_steps", "val_every", "checkpoint_every", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"trainer.{name} must be positive, got {getattr(self, name)}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"trainer.precision must be one of {PRECISIONS} (fp16 loss scaling would not reach "
-                              f"the auxiliary optimizer), got '{self.precision}'")
+from typing import Optional
 
 
 @dataclass
@@ -79,84 +19,7 @@ class StageConfig:
     """This stage's folder inside the run (a pipeline names each of its stages)."""
     init_from: Optional[str] = None
     """A previous stage's final/ to start from (weights only; resume uses this stage's own last.ckpt)."""
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     @property
     def stage_dir(self) -> Path:
         return Path(self.output_root) / self.run / self.name
-
-
-def load_config(schema: type[T], yaml_files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> T:
-    """Merge YAML presets, then ``key=value`` overrides, onto ``schema`` and return the typed object."""
-    layers = []
-    for path in yaml_files:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file not found: {path}")
-        layers.append(OmegaConf.load(path))
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), *layers, OmegaConf.from_dotlist(list(overrides)))
-        missing = sorted(OmegaConf.missing_keys(merged))
-        if missing:
-            raise ConfigError(f"missing required value: {missing[0]}")
-        return OmegaConf.to_object(merged)
-    except ConfigError:
-        raise
-    except ConfigKeyError as err:
-        raise ConfigError(f"unknown config key '{err.full_key}'") from None
-    except MissingMandatoryValue as err:
-        raise ConfigError(f"missing required value: {err.full_key}") from None
-    except ValidationError as err:
-        raise ConfigError(f"wrong type for '{err.full_key}': {_first_line(err.msg)}") from None
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"config error at '{getattr(err, 'full_key', '?')}': {_first_line(str(err))}") from None
-    except ValueError as err:  # a schema's __post_init__ cross-field check
-        raise ConfigError(_first_line(str(err))) from None
-
-
-def to_yaml(cfg: Any) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def to_dict(cfg: Any) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg))
-
-
-def describe(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, doc) for every leaf of ``schema``: the ``--help`` text of a stage."""
-    rows = []
-    docs = field_docs(schema)
-    for f in dataclasses.fields(schema):
-        key = prefix + f.name
-        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
-            rows.extend(describe(f.default_factory, key + "."))
-            continue
-        if f.default_factory is not dataclasses.MISSING:
-            default = repr(f.default_factory())
-        else:
-            default = "(required)" if f.default is dataclasses.MISSING or f.default == "???" else repr(f.default)
-        rows.append((key, default, docs.get(f.name, "")))
-    return rows
-
-
-@cache
-def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings (the string right after a field), which are the fields' documentation."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__[:-1]):
-        try:
-            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
-        except (OSError, TypeError):
-            continue
-        for node, nxt in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else text

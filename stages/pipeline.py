@@ -11,9 +11,9 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from stages.config import LAUNCH_KEYS, ConfigError, load_config
-from stages.files import atomic_write_text
-from stages.manifest import ManifestError, read_manifest
+from foundation.config import LAUNCH_KEYS, ConfigError, load_config
+from foundation.files import atomic_write_text
+from foundation.manifest import ManifestError, read_manifest
 from stages.registry import STAGE_KINDS
 from stages.trainer import last_checkpoint
 
@@ -39,11 +39,12 @@ class PipelineStage:
 class PipelineConfig:
     run: str = "default"
     """Run name: stages go to <output_root>/<run>/<stage name>/."""
-    output_root: str = "checkpoints"
-    """Folder holding every run."""
     overrides: list[str] = field(default_factory=list)
     """key=value overrides applied to every stage first (launch settings: trainer.devices=8, ...)."""
+    output_root: str = "checkpoints"
+    """Folder holding every run."""
     stages: list[PipelineStage] = field(default_factory=list)
+    """The stages, in the order they run."""
 
     def __post_init__(self) -> None:
         if not self.stages:

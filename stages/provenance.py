@@ -6,8 +6,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from stages.config import to_yaml
-from stages.files import atomic_write_text
+from foundation.config import to_yaml
+from foundation.files import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from datamodules.images import write_skimage_photos
 from datamodules.shards import INDEX, write_shards
 from evaluation.learned import evaluate_folder, mean_row
+from pl_modules.finals import load_final
 from stages import stage1
 from stages.stage1 import Stage1Config
 
@@ -35,7 +36,8 @@ def run(cfg: QuickstartConfig) -> dict:
     if not (shards / INDEX).is_file():
         print(write_shards(cfg.train_dir or workdir / "photos" / "train", shards).report())
     final = stage1.run(cfg.stage1)
-    codec, manifest, sha = stage1.load_final(final)
+    loaded = load_final(final)
+    codec, sha = loaded.codec, loaded.stream_id
     sets = {"held-out photos": held_out_dir}
     if Path(cfg.kodak_dir).is_dir():
         sets["Kodak"] = Path(cfg.kodak_dir)

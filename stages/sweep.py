@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.rd import plot_rd, rd_results
+from foundation.config import ConfigError, load_config, to_yaml
+from foundation.files import atomic_write_text
+from foundation.manifest import ManifestError, read_manifest
+from pl_modules.finals import rate_setting
 from stages import pipeline
-from stages.config import ConfigError, load_config, to_yaml
-from stages.files import atomic_write_text
-from stages.manifest import ManifestError, read_manifest
 from stages.pipeline import PipelineConfig
 from stages.registry import STAGE_KINDS
 
@@ -169,7 +170,8 @@ def aggregate(sweep: SweepConfig) -> Path:
         prefixes.add(STAGE_KINDS[stage.kind].rd_prefix)
         final = Path(cfg.output_root) / cfg.run / stage.name / "final"
         try:
-            manifests.append((point, read_manifest(final, verify=False)))
+            metrics = read_manifest(final, verify=False).metrics
+            manifests.append(({**point, "lmbda": rate_setting(final)}, metrics))
         except ManifestError:
             missing.append(cfg.run)
     if not manifests:

@@ -11,8 +11,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from stages.config import TrainerConfig
-from stages.files import atomic_write_bytes
+from foundation.config import TrainerConfig
+from foundation.files import atomic_write_bytes
 
 LAST = "last.ckpt"
 _EXTRA_CALLBACKS: list[Callback] = []

@@ -13,7 +13,7 @@ SHARED = ROOT.parent / "shared" / "data"
 
 from datamodules.images import write_skimage_photos  # noqa: E402
 from datamodules.shards import write_shards  # noqa: E402
-from stages.config import load_config  # noqa: E402
+from foundation.config import load_config  # noqa: E402
 from stages.stage1 import Stage1Config  # noqa: E402
 
 

@@ -5,6 +5,8 @@ import pytest
 
 from evaluation.bd import bd_metric, bd_rate
 
+pytestmark = pytest.mark.unit
+
 RATES = [0.1, 0.25, 0.5, 1.0, 1.6]
 PSNR = [26.0, 29.1, 31.8, 35.0, 37.2]
 
@@ -47,14 +49,12 @@ def test_errors_are_named():
 
 
 def test_rd_results_read_a_stages_own_metrics_and_order_points_by_rate():
-    from types import SimpleNamespace
-
     from evaluation.rd import rd_results
 
-    def manifest(lmbda, bpp, psnr):
-        return SimpleNamespace(lmbda=lmbda, metrics={"val/all/bpp": bpp, "val/all/psnr": psnr, "val/denoise/bpp": 9.0})
+    def metrics(bpp, psnr):
+        return {"val/all/bpp": bpp, "val/all/psnr": psnr, "val/denoise/bpp": 9.0}
 
-    points = [({"codec.lmbda": 0.01}, manifest(0.01, 0.8, 30.0)), ({"codec.lmbda": 0.001}, manifest(0.001, 0.2, 25.0))]
+    points = [({"lmbda": 0.01}, metrics(0.8, 30.0)), ({"lmbda": 0.001}, metrics(0.2, 25.0))]
     results = rd_results("s", "d", points, prefix="val/all/")
     assert results["results"] == {"bpp": [0.2, 0.8], "psnr-rgb": [25.0, 30.0]}
     assert [p["lmbda"] for p in results["points"]] == [0.001, 0.01]

@@ -2,6 +2,8 @@ import pytest
 
 from pl_modules.bitstream import Bitstream, BitstreamError, _varint, pack, unpack
 
+pytestmark = pytest.mark.unit
+
 SHA = "ab" * 32
 
 

@@ -3,6 +3,8 @@ import torch
 
 from pl_modules.codecs import ARCHITECTURES, build_codec, load_codec_weights, register, save_codec, split_parameters
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_parameter_split_is_a_partition_with_quantiles_alone_in_aux(name):

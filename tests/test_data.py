@@ -10,6 +10,8 @@ from torch.utils.data import DataLoader
 from datamodules.shards import read_index, write_shards
 from datamodules.stream import CropStream, raw_samples, stream_shards, worker_position
 
+pytestmark = pytest.mark.unit
+
 
 def batches(shards, start, count, num_workers=0, rank=0, world_size=1, batch_size=3, crop=64):
     stream = CropStream(shards, crop, batch_size, seed=7, rank=rank, world_size=world_size, start_batch=start)

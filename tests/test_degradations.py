@@ -7,6 +7,8 @@ from datamodules.degradations import (TASKS, degrade, gaussian_noise, haze, inpa
                                       rain_streaks, raindrops, shadow, shadow_mask)
 from datamodules.images import list_images, load_rgb
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def photo(photo_dir):

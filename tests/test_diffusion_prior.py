@@ -6,6 +6,8 @@ from pl_modules.diffusion_prior import (CONV_IN_FILE, LORA_FILE, UNET_FILE, Diff
                                         expand_conv_in)
 from pl_modules.tiny_models import preset_folder, save_tiny_diffusion
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
@@ -101,7 +103,7 @@ def test_zero_initialised_condition_channels_leave_the_pretrained_output_unchang
     assert unet.config.in_channels == 8
 
 
-def test_only_lora_and_conv_in_train_and_disabling_adapters_gives_the_base_model(tiny_folder):
+def test_only_lora_and_conv_in_train_and_adapters_off_is_neither_the_base_nor_the_trained_decoder(tiny_folder):
     model = prior(tiny_folder, gradient_checkpointing=False)
     frozen = {n: p.detach().clone() for n, p in model.unet.named_parameters() if "lora_" not in n and "conv_in" not in n}
     params = model.trainable_parameters()
@@ -128,6 +130,21 @@ def test_only_lora_and_conv_in_train_and_disabling_adapters_gives_the_base_model
     model.unet.enable_adapters()
     assert not torch.allclose(conv_in_changed, base)  # conv_in trained; LoRA off is not the whole story
     assert not torch.allclose(model.denoise(noisy, t, condition, context), conv_in_changed)
+
+
+def test_diffusion_loss_is_per_sample_and_shared_noise_gives_equal_losses(tiny_folder):
+    model = prior(tiny_folder, gradient_checkpointing=False)
+    x0, t, condition, context = inputs()
+    noise = torch.randn_like(x0)
+    first = model.diffusion_loss(x0, condition, context, noise=noise, timesteps=t)
+    assert first.shape == (2,)
+    assert torch.equal(first, model.diffusion_loss(x0, condition, context, noise=noise, timesteps=t))
+    noisy = model.scheduler.add_noise(x0, noise, t)
+    by_hand = (model.denoise(noisy, t, condition, context) - model.training_target(x0, noise, t)).pow(2)
+    assert torch.allclose(first, by_hand.mean(dim=(1, 2, 3)))
+    torch.manual_seed(3)
+    drawn = model.diffusion_loss(x0, condition, context)
+    assert not torch.allclose(drawn, first)
 
 
 def test_trained_weights_round_trip_alone_and_strictly(tiny_folder, tmp_path):

@@ -13,10 +13,12 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, tiny_overrides
 from datamodules.codec_data import CodecDataModule, ImageDataConfig
+from foundation.config import load_config
+from foundation.manifest import read_manifest
 from stages import pipeline
-from stages.config import load_config
-from stages.manifest import read_manifest
 from stages.pipeline import PipelineConfig
+
+pytestmark = pytest.mark.fault
 
 TRAIN = [sys.executable, str(ROOT / "train.py")]
 DDP_OVERRIDES = ["trainer.max_steps=8", "trainer.val_every=8", "trainer.checkpoint_every=4", "data.val_max_images=2"]

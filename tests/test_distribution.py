@@ -5,6 +5,8 @@ import torch
 from evaluation import distribution
 from evaluation.evaluate import EvaluateConfig, run
 
+pytestmark = pytest.mark.unit
+
 
 def test_patches_cover_the_aligned_and_the_half_shifted_grid():
     x = torch.rand(1, 3, 512, 768)

@@ -7,9 +7,9 @@ import torch
 from torchvision.models import get_model, get_model_weights
 
 from datamodules.images import list_images, load_rgb, to_tensor
-from evaluation import features
 from evaluation.evaluate import EvaluateConfig, run
-from evaluation.metrics import Unavailable
+from pl_modules import features
+from pl_modules.metrics import Unavailable
 from pl_modules.tiny_models import save_tiny_clip
 
 
@@ -37,6 +37,7 @@ def cache_random_resnet18(hub: Path) -> None:
     torch.save(get_model("resnet18").state_dict(), hub / Path(get_model_weights("resnet18").DEFAULT.url).name)
 
 
+@pytest.mark.unit
 def test_task_backbone_without_cached_weights_is_unavailable(hub):
     with pytest.raises(Unavailable, match="needs weights resnet18-"):
         features.TorchvisionFidelity("torchvision:resnet18")
@@ -44,6 +45,7 @@ def test_task_backbone_without_cached_weights_is_unavailable(hub):
     assert measures == [] and "resnet18" in unavailable["torchvision:resnet18"]
 
 
+@pytest.mark.unit
 def test_task_fidelity_is_perfect_on_identical_images_and_drops_on_noise(hub, images):
     cache_random_resnet18(hub)
     fidelity = features.TorchvisionFidelity("torchvision:resnet18")
@@ -55,6 +57,7 @@ def test_task_fidelity_is_perfect_on_identical_images_and_drops_on_noise(hub, im
     assert other["task/resnet18/cos/layer1"] < 0.99
 
 
+@pytest.mark.unit
 def test_clip_similarity_and_iqa_through_from_pretrained(tiny_clip, images):
     clip = features.ClipFidelity(str(tiny_clip))
     x, noisy = images
@@ -64,11 +67,13 @@ def test_clip_similarity_and_iqa_through_from_pretrained(tiny_clip, images):
     assert 0.0 <= other["clip_iqa"] <= 1.0
 
 
+@pytest.mark.unit
 def test_missing_clip_is_unavailable_not_downloaded(tmp_path):
     _, unavailable = features.build([], str(tmp_path / "no-clip-here"))
     assert "not available locally" in unavailable[str(tmp_path / "no-clip-here")]
 
 
+@pytest.mark.stage
 def test_evaluate_reports_feature_fidelity_per_method(hub, tiny_clip, trained_run, eval_dir, tmp_path):
     cache_random_resnet18(hub)
     _, final = trained_run
@@ -81,6 +86,7 @@ def test_evaluate_reports_feature_fidelity_per_method(hub, tiny_clip, trained_ru
         assert all(0 <= v <= 1.0001 for v in results["clip_similarity"])
 
 
+@pytest.mark.unit
 def test_transformers_classifier_fidelity_through_from_pretrained(tmp_path, images):
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
@@ -101,6 +107,7 @@ def test_transformers_classifier_fidelity_through_from_pretrained(tmp_path, imag
         features.build(["keras:resnet50"], "")
 
 
+@pytest.mark.unit
 def test_timm_fidelity_loads_a_weights_file_through_timm_and_reports_missing_ones(tmp_path, images):
     import timm
     from safetensors.torch import save_file
@@ -116,6 +123,7 @@ def test_timm_fidelity_loads_a_weights_file_through_timm_and_reports_missing_one
     assert "does not exist" in unavailable[f"timm:resnet18={tmp_path / 'none.safetensors'}"]
 
 
+@pytest.mark.unit
 def test_timm_without_cached_weights_is_unavailable(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
     import huggingface_hub.constants

@@ -3,6 +3,8 @@ import torch
 
 from pl_modules.image_means import ImageMeans
 
+pytestmark = pytest.mark.unit
+
 
 class TwoRanks:
     """A strategy whose reduce adds the other rank's tensor, as an all-reduce of two ranks would."""

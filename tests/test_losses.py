@@ -7,6 +7,8 @@ from pytorch_msssim import ms_ssim as reference_ms_ssim
 from pl_modules.losses import bits_per_pixel, msssim_rd_loss, mse_rd_loss, psnr
 from pl_modules.schedules import lr_factor, step_seed
 
+pytestmark = pytest.mark.unit
+
 
 def test_bits_per_pixel_counts_minus_log2_likelihood_per_input_pixel():
     likelihoods = {"y": torch.full((1, 2, 2, 2), 0.5), "z": torch.full((1, 1, 1, 1), 0.25)}
@@ -60,8 +62,7 @@ def test_llicm_loss_weighs_its_terms_as_written():
 
     x = torch.zeros(1, 3, 2, 2)
     logits = torch.tensor([[0.0, math.log(3.0)]])  # p = (0.25, 0.75)
-    out = llicm_loss(x + 0.1, x, torch.tensor(0.5), torch.ones(1, 4, 1, 1), torch.zeros(1, 4, 1, 1),
-                     logits, torch.tensor([1]), alpha=2.0, beta=3.0, gamma=4.0, classification=5.0)
+    out = llicm_loss(x + 0.1, x, torch.tensor(0.5), torch.tensor(1.0), logits, torch.tensor([1]), alpha=2.0, beta=3.0, gamma=4.0, classification=5.0)
     assert out["distortion"].item() == pytest.approx(0.01)
     assert out["task"].item() == pytest.approx(1.0)
     assert out["classification"].item() == pytest.approx(-math.log(0.75))

@@ -6,12 +6,14 @@ import torch
 import yaml
 
 from conftest import tiny_overrides
+from foundation.config import ConfigError, load_config
+from foundation.manifest import read_manifest
 from pl_modules import losses
 from stages import pipeline, stage1, sweep
-from stages.config import ConfigError, load_config
-from stages.manifest import read_manifest
 from stages.pipeline import PipelineConfig
 from stages.sweep import SweepConfig
+
+pytestmark = pytest.mark.chain
 
 
 def pipeline_yaml(path, shard_dir, eval_dir, codec_extra=(), finetune=True):
@@ -35,7 +37,7 @@ def test_stages_chain_through_manifests_and_a_second_call_trains_nothing(tmp_pat
     codec_final, finetune_final = pipeline.run(load(path))
     child, parent = read_manifest(finetune_final), read_manifest(codec_final)
     assert child.parent == str((codec_final / "manifest.json").resolve())
-    assert child.parent_weights == parent.weights and child.lmbda == 0.013
+    assert child.parent_weights == parent.weights and child.params["lmbda"] == 0.013
     stamps = {p: p.stat().st_mtime_ns for p in (codec_final / "manifest.json", finetune_final / "manifest.json")}
     capsys.readouterr()
     pipeline.run(load(path))

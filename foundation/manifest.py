@@ -10,9 +10,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from stages.files import sha256_file
+from foundation.files import sha256_file
 
-FORMAT_VERSION = 1
+# 2: per-stage ``params`` (what the stage trained with) instead of stage 1's lmbda/distortion.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 
 
@@ -24,12 +26,14 @@ class ManifestError(ValueError):
 class Manifest:
     stage: str
     """Which stage wrote it: stage1, stage2-llicm, ..."""
-    codec: dict
-    """Codec architecture and sizes: {architecture, N, M}."""
-    lmbda: float
-    distortion: str
     weights: dict[str, str]
     """File name in final/ → sha256 of its bytes."""
+    params: dict = field(default_factory=dict)
+    """What this stage trained with: its module's config (that schema's keys), which rebuilds the
+    model. Version-1 manifests held only stage 1's lmbda and distortion here (the rest is in config.yaml)."""
+    codec: Optional[dict] = None
+    """The codec's architecture and sizes ({architecture, N, M}) when the model has one: the codec
+    commands and init_from checks read it."""
     metrics: dict[str, float] = field(default_factory=dict)
     parent: Optional[str] = None
     """The manifest this stage was initialised from (absolute path), if any."""
@@ -81,11 +85,13 @@ def read_manifest(path: str | Path, expect_stage: str | None = None, verify: boo
     path = manifest_path(path)
     try:
         raw = json.loads(path.read_text())
+        if raw.get("format_version") == 1:
+            raw["params"] = {"lmbda": raw.pop("lmbda"), "distortion": raw.pop("distortion")}
         manifest = Manifest(**raw)
-    except (json.JSONDecodeError, TypeError) as err:
+    except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as err:
         raise ManifestError(f"{path} is not a valid manifest: {err}") from None
-    if manifest.format_version != FORMAT_VERSION:
-        raise ManifestError(f"{path}: manifest format {manifest.format_version}, this code reads {FORMAT_VERSION}")
+    if manifest.format_version not in READABLE_VERSIONS:
+        raise ManifestError(f"{path}: manifest format {manifest.format_version}, this code reads {READABLE_VERSIONS}")
     if expect_stage is not None and manifest.stage != expect_stage:
         raise ManifestError(f"{path} was written by {manifest.stage}, expected {expect_stage}")
     if verify:

@@ -1,14 +1,16 @@
-"""``compress`` and ``decompress``: image files to bitstream files and back, with a stage-1 model."""
+"""``compress`` and ``decompress``: image files to bitstream files and back, with the codec of any
+stage whose manifest says it has one."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
 from datamodules.images import load_rgb, save_png, to_tensor
+from foundation.files import atomic_write_bytes
+from foundation.manifest import MANIFEST, ManifestError, read_manifest
 from pl_modules.bitstream import BitstreamError, decode_image, encode_image, pack, unpack
-from stages.files import atomic_write_bytes
-from stages.manifest import MANIFEST, ManifestError, read_manifest
-from stages.stage1 import STAGE, WEIGHTS, load_final
+from pl_modules.codecs import CODEC_FILE
+from pl_modules.finals import load_final
 
 
 @dataclass
@@ -24,7 +26,8 @@ class CompressResult:
 
 
 def compress_file(image_path: str | Path, model_dir: str | Path, out_path: str | Path) -> CompressResult:
-    codec, _, sha = load_final(model_dir)
+    final = load_final(model_dir, need_codec=True)
+    codec, sha = final.codec, final.stream_id
     x = to_tensor(load_rgb(Path(image_path))).unsqueeze(0)
     data = pack(encode_image(codec, x, sha))
     atomic_write_bytes(out_path, data)
@@ -37,7 +40,8 @@ def decompress_file(bin_path: str | Path, out_path: str | Path, model_dir: str |
     stream = unpack(Path(bin_path).read_bytes())
     if model_dir is None:
         model_dir = find_model(stream.model_sha256, search_roots)
-    codec, _, sha = load_final(model_dir)
+    final = load_final(model_dir, need_codec=True)
+    codec, sha = final.codec, final.stream_id
     save_png(decode_image(codec, stream, sha), out_path)
     return Path(out_path)
 
@@ -47,7 +51,7 @@ def find_model(weights_sha256: str, roots: tuple[str | Path, ...]) -> Path:
     for root in roots:
         for manifest in sorted(Path(root).glob(f"**/final/{MANIFEST}")):
             try:
-                if read_manifest(manifest, expect_stage=STAGE, verify=False).weights.get(WEIGHTS) == weights_sha256:
+                if read_manifest(manifest, verify=False).weights.get(CODEC_FILE) == weights_sha256:
                     return manifest.parent
             except ManifestError:
                 continue

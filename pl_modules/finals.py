@@ -1,0 +1,85 @@
+"""A stage's ``final/`` → a ready model, chosen by the manifest's ``stage`` field. Evaluation and
+the codec commands load every model through here, so neither needs to know the stages that wrote
+them; a new method registers its module once."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+from foundation.config import load_config
+from foundation.manifest import Manifest, ManifestError, manifest_path, read_manifest
+from pl_modules.base import StageModule
+from pl_modules.codec_module import CodecModule
+from pl_modules.codecs import CODEC_FILE
+from pl_modules.llicm_module import LLICMModule
+
+FINAL_KINDS: dict[str, type[StageModule]] = {}
+
+
+def register_final(module: type[StageModule]) -> None:
+    if module.STAGE in FINAL_KINDS:
+        raise KeyError(f"a loader for stage '{module.STAGE}' is already registered")
+    FINAL_KINDS[module.STAGE] = module
+
+
+register_final(CodecModule)
+register_final(LLICMModule)
+
+
+@dataclass
+class Final:
+    model: StageModule
+    """In eval mode, its trained weights loaded strictly."""
+    manifest: Manifest
+    folder: Path
+
+    @property
+    def codec(self):
+        return self.model.codec
+
+    @property
+    def stream_id(self) -> str:
+        """The id its bitstreams carry: the sha256 of its codec weights."""
+        return self.manifest.weights[CODEC_FILE]
+
+    @property
+    def setting(self) -> Optional[float]:
+        """The rate setting λ its codec was trained at (read up the parent chain), the label of an RD point."""
+        return rate_setting(self.folder)
+
+
+def module_config(module: type[StageModule], manifest: Manifest, folder: Path):
+    """The module's config from the manifest's params, read back strictly (unknown keys fail); a
+    version-1 manifest's from the stage's config.yaml, less the stage-only keys."""
+    if manifest.format_version >= 2:
+        return load_config(module.CONFIG, [manifest.params])
+    import yaml
+
+    names = {f.name for f in fields(module.CONFIG)}
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    return load_config(module.CONFIG, [{k: v for k, v in saved.items() if k in names}])
+
+
+def load_final(path: str | Path, expect_stage: Optional[str] = None, need_codec: bool = False) -> Final:
+    manifest = read_manifest(path, expect_stage=expect_stage)
+    folder = manifest_path(path).parent
+    if manifest.stage not in FINAL_KINDS:
+        raise ManifestError(f"{folder}: no loader for stage '{manifest.stage}' (known: {sorted(FINAL_KINDS)})")
+    if need_codec and manifest.codec is None:
+        raise ManifestError(f"{folder}: a {manifest.stage} model has no codec")
+    module = FINAL_KINDS[manifest.stage]
+    model = module(module_config(module, manifest, folder))
+    model.load_final_states(folder)
+    return Final(model.eval(), manifest, folder)
+
+
+def rate_setting(path: str | Path) -> Optional[float]:
+    """λ of this stage, or of the nearest ancestor that has one; None when the chain is broken."""
+    try:
+        manifest = read_manifest(path, verify=False)
+    except ManifestError:
+        return None
+    if "lmbda" in manifest.params:
+        return manifest.params["lmbda"]
+    return rate_setting(manifest.parent) if manifest.parent else None
