@@ -5,14 +5,17 @@ channels for the image the UNet restores. Without a VAE (``vae=false``) the same
 as DeepFloyd IF's stages do; the CPU-sized ``tiny-pixel`` preset is such a prior.
 
 Why latent concatenation (InstructPix2Pix) and not a ControlNet branch: it adds one conv's worth of
-weights instead of a copy of the encoder, keeps LoRA the only change inside the UNet (so "adapters
-disabled" is exactly the reference model that VLIC's Diffusion-DPO needs), and at zero init the
-UNet computes exactly what the pretrained one did.
+weights instead of a copy of the encoder, and at zero init the UNet computes exactly what the
+pretrained one did. Post-training needs the trained decoder itself as its frozen reference:
+``freeze_as_reference`` folds what was trained (LoRA, conv_in, or the whole UNet) into the base
+weights and adds a new adapter, so that ``adapters_disabled()`` is exactly that decoder.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -90,6 +93,8 @@ class DiffusionPrior(nn.Module):
                              "the UNet's output channels")
         if cfg.condition_channels:
             expand_conv_in(self.unet, cfg.condition_channels)
+        self.reference_adapter: str | None = None
+        """Set by freeze_as_reference: the one adapter that trains on the frozen decoder."""
         if cfg.lora_rank:
             self._add_lora()
         if cfg.vae_tile and self.vae is not None:
@@ -113,6 +118,48 @@ class DiffusionPrior(nn.Module):
                                          target_modules=list(targets or self.cfg.lora_targets),
                                          init_lora_weights="gaussian"), adapter_name=name)
 
+    def freeze_as_reference(self, adapter: str, rank: int, alpha: int, targets: list[str]) -> None:
+        """Fold what this prior trained (LoRA merged into its layers, conv_in, or the whole UNet) into
+        frozen base weights, then put a new LoRA adapter named ``adapter`` on top. With adapters
+        disabled the UNet is then exactly the decoder it was, so post-training (stage 3's
+        Diffusion-DPO) has its frozen reference without a second copy in memory; it also gives LoRA
+        to a UNet whose base was trained whole (the tiny pixel prior)."""
+        if self.cfg.lora_rank:
+            self.unet.fuse_lora(lora_scale=1.0)
+            self.unet.unload_lora()
+        self.unet.requires_grad_(False)
+        self.reference_adapter = adapter
+        self._add_lora(rank, alpha, targets, name=adapter)
+
+    @contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """The UNet without its trainable adapter: the reference decoder once freeze_as_reference ran."""
+        self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+
+    @contextmanager
+    def features(self, blocks: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+        """Capture the outputs of named UNet blocks (``mid_block``, ``down_blocks.1``, …) during the
+        passes run inside the block, for feature-space losses; the hooks are always removed on exit."""
+        modules = dict(self.unet.named_modules())
+        unknown = [b for b in blocks if b not in modules]
+        if unknown:
+            raise ValueError(f"the UNet has no blocks {unknown}; e.g. mid_block, down_blocks.0, up_blocks.1")
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep(name: str):
+            return lambda _module, _inputs, out: captured.__setitem__(name, out[0] if isinstance(out, tuple) else out)
+
+        handles = [modules[b].register_forward_hook(keep(b)) for b in blocks]
+        try:
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
+
     @property
     def vae_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
@@ -128,7 +175,9 @@ class DiffusionPrior(nn.Module):
 
     def is_trained(self, unet_parameter: str) -> bool:
         """Whether training changes this UNet parameter: all of them with train_unet; otherwise LoRA
-        and the conv_in (whose new channels start at zero)."""
+        and the conv_in (whose new channels start at zero); after freeze_as_reference, its adapter alone."""
+        if self.reference_adapter is not None:
+            return "lora_" in unet_parameter and f".{self.reference_adapter}." in unet_parameter
         return (self.cfg.train_unet or "lora_" in unet_parameter
                 or (self.cfg.condition_channels > 0 and unet_parameter.startswith("conv_in.")))
 

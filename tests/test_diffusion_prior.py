@@ -132,6 +132,34 @@ def test_only_lora_and_conv_in_train_and_adapters_off_is_neither_the_base_nor_th
     assert not torch.allclose(model.denoise(noisy, t, condition, context), conv_in_changed)
 
 
+def perturb(model, adapter=None):
+    """Non-zero LoRA B matrices (peft starts them at zero), so that an adapter changes the output."""
+    with torch.no_grad():
+        for name, param in model.unet.named_parameters():
+            if "lora_B" in name and (adapter is None or f".{adapter}." in name):
+                param.normal_(0, 0.5)
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["lora-and-conv-in", "whole-unet"])
+def test_adapters_disabled_after_freeze_as_reference_is_exactly_the_stage2_decoder(tiny_folder, whole):
+    settings = dict(train_unet=True, lora_rank=0) if whole else {}
+    model = prior(tiny_folder, gradient_checkpointing=False, **settings)
+    with torch.no_grad():
+        model.unet.conv_in.weight.add_(0.1)  # stage 2 trained conv_in (or everything)
+    perturb(model)
+    noisy, t, condition, context = inputs()
+    stage2 = model.denoise(noisy, t, condition, context).detach()
+    model.freeze_as_reference("stage3", rank=4, alpha=4, targets=["to_q", "to_v"])
+    trained = model.trainable_parameters()
+    assert trained and all(".stage3." in n for n, p in model.unet.named_parameters() if p.requires_grad)
+    assert torch.allclose(model.denoise(noisy, t, condition, context), stage2, atol=1e-5)  # B starts at 0
+    perturb(model, "stage3")
+    assert not torch.allclose(model.denoise(noisy, t, condition, context), stage2, atol=1e-3)
+    with model.adapters_disabled():
+        assert torch.allclose(model.denoise(noisy, t, condition, context), stage2, atol=1e-5)
+    assert not torch.allclose(model.denoise(noisy, t, condition, context), stage2, atol=1e-3)  # re-enabled
+
+
 def test_diffusion_loss_is_per_sample_and_shared_noise_gives_equal_losses(tiny_folder):
     model = prior(tiny_folder, gradient_checkpointing=False)
     x0, t, condition, context = inputs()
@@ -145,6 +173,23 @@ def test_diffusion_loss_is_per_sample_and_shared_noise_gives_equal_losses(tiny_f
     torch.manual_seed(3)
     drawn = model.diffusion_loss(x0, condition, context)
     assert not torch.allclose(drawn, first)
+
+
+def test_feature_hooks_capture_named_blocks_and_are_always_removed(tiny_folder):
+    model = prior(tiny_folder, gradient_checkpointing=False)
+    noisy, t, condition, context = inputs()
+    hooks = lambda: sum(len(m._forward_hooks) for m in model.unet.modules())  # noqa: E731
+    before = hooks()
+    with model.features(["mid_block", "down_blocks.0"]) as captured:
+        model.denoise(noisy, t, condition, context)
+        assert hooks() == before + 2
+    assert set(captured) == {"mid_block", "down_blocks.0"} and captured["mid_block"].shape[0] == 2
+    assert hooks() == before
+    with pytest.raises(RuntimeError), model.features(["mid_block"]):
+        raise RuntimeError("a failing pass")
+    assert hooks() == before
+    with pytest.raises(ValueError, match="no blocks"), model.features(["nope"]):
+        pass
 
 
 def test_trained_weights_round_trip_alone_and_strictly(tiny_folder, tmp_path):
