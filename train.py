@@ -30,6 +30,7 @@ def add_config_command(sub, name: str, schema, help_text: str, presets: tuple[Pa
 
 def build_parser() -> argparse.ArgumentParser:
     from evaluation.evaluate import EvaluateConfig
+    from pl_modules.bitstream import DEFAULT_MAX_PIXELS
     from evaluation.judge import JudgeConfig
     from stages.pipeline import PipelineConfig
     from stages.quickstart import PRESET, QuickstartConfig
@@ -78,12 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("image")
     compress.add_argument("-m", "--model", required=True, help="a final/ folder of any stage with a codec")
     compress.add_argument("-o", "--output", required=True)
+    compress.add_argument("--seed", type=int, default=0, help="a diffusion decoder's sampling seed, kept in the file")
 
     decompress = sub.add_parser("decompress", help="decode a bitstream file into a PNG")
     decompress.add_argument("bitstream")
     decompress.add_argument("-o", "--output", required=True)
     decompress.add_argument("-m", "--model", help="a final/ folder (default: found under checkpoints/ by the "
                                                   "decoder id the file names)")
+    decompress.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                            help="refuse a file that claims a larger image (default: 16384²)")
     return parser
 
 
@@ -112,12 +116,12 @@ def run_command(args) -> None:
     elif args.command == "compress":
         from pl_modules.codec_io import compress_file
 
-        result = compress_file(args.image, args.model, args.output)
+        result = compress_file(args.image, args.model, args.output, args.seed)
         print(f"{result.path}: {result.num_bytes} bytes, {result.width}x{result.height}, {result.bpp:.4f} bpp")
     elif args.command == "decompress":
         from pl_modules.codec_io import decompress_file
 
-        print(f"wrote {decompress_file(args.bitstream, args.output, args.model)}")
+        print(f"wrote {decompress_file(args.bitstream, args.output, args.model, max_pixels=args.max_pixels)}")
     elif args.command == "bd-rate":
         import json
 

@@ -44,7 +44,7 @@ def full_resolution(args) -> None:
     codec.update(force=True)
     photo = to_tensor(load_rgb(args.image)).unsqueeze(0).cuda()
     x = F.interpolate(photo, size=(2160, 3840), mode="bicubic").clamp(0, 1)
-    for name, work in (("forward (likelihoods)", lambda: codec(pad_to_multiple(x))),
+    for name, work in (("forward (likelihoods)", lambda: codec(pad_to_multiple(x, codec.pad_multiple))),
                        ("compress + decompress", lambda: decode_image(codec, encode_image(codec, x, "00" * 32), "00" * 32))):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -124,11 +124,11 @@ def bpp_ratio(args, shards: Path, workdir: Path) -> list[float]:
         "trainer.checkpoint_every=1000000", "trainer.progress_bar=false", "trainer.accelerator=cpu",
         "trainer.devices=1"])
     final = load_final(args.model or stage1.run(cfg))
-    codec, sha = final.codec, final.stream_id
+    codec, sha = final.codec, final.decoder_id
     ratios = []
     for path in list_images(args.kodak):
         x = to_tensor(load_rgb(path)).unsqueeze(0)
-        estimated = bits_per_pixel(codec(pad_to_multiple(x))["likelihoods"], x.shape[-2] * x.shape[-1]).item()
+        estimated = bits_per_pixel(codec(pad_to_multiple(x, codec.pad_multiple))["likelihoods"], x.shape[-2] * x.shape[-1]).item()
         ratios.append(encode_image(codec, x, sha).bits_per_pixel() / estimated)
     return ratios
 

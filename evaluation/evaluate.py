@@ -107,7 +107,7 @@ def learned_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]) ->
     rows = []
     for model in cfg.models:
         final = load_final(model, need_codec=True)
-        codec, sha = final.codec, final.stream_id
+        codec, sha = final.codec, final.decoder_id
         for path in tqdm(images, desc=f"{cfg.models_name} λ={final.setting}", unit="img"):
             x = to_tensor(load_rgb(path)).unsqueeze(0)
             data, decoded = round_trip(codec, x, sha)
@@ -136,7 +136,7 @@ def restoration_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]
         if not folder:
             raise ValueError(f"restorer '{spec}' must be 'name=path/to/final'")
         final = load_final(folder, expect_stage=LLICM_STAGE)
-        model, sha = final.model, final.stream_id
+        model, sha = final.model, final.decoder_id
         for seed, path in enumerate(tqdm(images, desc=f"{name} λ={final.setting}", unit="img")):
             clean = centre_crop(load_rgb(path), cfg.restore_crop)
             height, width = clean.shape[:2]

@@ -7,12 +7,14 @@ files a stage hands to the next.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from foundation.config import to_dict
+from pl_modules.bitstream import Sampler
 from pl_modules.image_means import ImageMeans
 from pl_modules.schedules import lr_factor, step_seed
 
@@ -64,6 +66,15 @@ class StageModule(L.LightningModule):
     def is_frozen_weight(self, key: str) -> bool:
         """Pretrained weights that never train and stay out of checkpoints."""
         return False
+
+    def sampler_settings(self, seed: int) -> Optional[Sampler]:
+        """What a bitstream must carry for this model to decode it deterministically (diffusion
+        decoders: steps, seed, guidance); None for a plain codec."""
+        return None
+
+    def reconstruct(self, decoded: torch.Tensor, sampler: Optional[Sampler]) -> torch.Tensor:
+        """The model's output image from the codec's decoded image (a restorer restores it)."""
+        return decoded
 
     # ---- shared ------------------------------------------------------------------------------
     @property

@@ -1,5 +1,5 @@
 """``compress`` and ``decompress``: image files to bitstream files and back, with the codec of any
-stage whose manifest says it has one."""
+stage whose manifest says it has one; a diffusion decoder's sampler settings travel in the file."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,9 +8,10 @@ from pathlib import Path
 from datamodules.images import load_rgb, save_png, to_tensor
 from foundation.files import atomic_write_bytes
 from foundation.manifest import MANIFEST, ManifestError, read_manifest
-from pl_modules.bitstream import BitstreamError, decode_image, encode_image, pack, unpack
+from pl_modules import codec_module
+from pl_modules.bitstream import DEFAULT_MAX_PIXELS, Bitstream, BitstreamError, decode_image, encode_image, pack, unpack
 from pl_modules.codecs import CODEC_FILE
-from pl_modules.finals import load_final
+from pl_modules.finals import decoder_id, load_final
 
 
 @dataclass
@@ -25,35 +26,49 @@ class CompressResult:
         return 8 * self.num_bytes / (self.height * self.width)
 
 
-def compress_file(image_path: str | Path, model_dir: str | Path, out_path: str | Path) -> CompressResult:
+def compress_file(image_path: str | Path, model_dir: str | Path, out_path: str | Path, seed: int = 0) -> CompressResult:
+    """``seed``: the diffusion decoder's sampling seed, written into the file (ignored by plain codecs)."""
     final = load_final(model_dir, need_codec=True)
-    codec, sha = final.codec, final.stream_id
     x = to_tensor(load_rgb(Path(image_path))).unsqueeze(0)
-    data = pack(encode_image(codec, x, sha))
+    data = pack(encode_image(final.codec, x, final.decoder_id, final.model.sampler_settings(seed)))
     atomic_write_bytes(out_path, data)
     # bpp from the file as it lies on disk, not from the encoder's own count.
     return CompressResult(Path(out_path), Path(out_path).stat().st_size, x.shape[-2], x.shape[-1])
 
 
 def decompress_file(bin_path: str | Path, out_path: str | Path, model_dir: str | Path | None = None,
-                    search_roots: tuple[str | Path, ...] = ("checkpoints",)) -> Path:
-    stream = unpack(Path(bin_path).read_bytes())
+                    search_roots: tuple[str | Path, ...] = ("checkpoints",),
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
+    stream = unpack(Path(bin_path).read_bytes(), max_pixels)
     if model_dir is None:
-        model_dir = find_model(stream.model_sha256, search_roots)
+        model_dir = find_model(stream, search_roots)
     final = load_final(model_dir, need_codec=True)
-    codec, sha = final.codec, final.stream_id
-    save_png(decode_image(codec, stream, sha), out_path)
+    # Format 1 named the codec's weights alone, and held a codec's image only.
+    expected = final.manifest.weights[CODEC_FILE] if stream.version == 1 else final.decoder_id
+    decoded = decode_image(final.codec, stream, expected)
+    save_png(decoded if stream.version == 1 else final.model.reconstruct(decoded, stream.sampler), out_path)
     return Path(out_path)
 
 
-def find_model(weights_sha256: str, roots: tuple[str | Path, ...]) -> Path:
-    """The stage-1 final/ whose codec weights have this sha256 (the bitstream names its model so)."""
-    for root in roots:
-        for manifest in sorted(Path(root).glob(f"**/final/{MANIFEST}")):
-            try:
-                if read_manifest(manifest, verify=False).weights.get(CODEC_FILE) == weights_sha256:
-                    return manifest.parent
-            except ManifestError:
-                continue
-    raise BitstreamError(f"no model with weights {weights_sha256[:12]}… under {', '.join(map(str, roots))}; "
-                         f"pass -m RUN/stage1/final")
+def find_model(stream: Bitstream, roots: tuple[str | Path, ...]) -> Path:
+    """The one final/ under ``roots`` whose decoder the bitstream names; none or several different
+    ones are refused (copies of the same decoder are one)."""
+    matches: dict[str, Path] = {}
+    for path in sorted(p for root in roots for p in Path(root).glob(f"**/final/{MANIFEST}")):
+        try:
+            manifest = read_manifest(path, verify=False)
+        except ManifestError:
+            continue
+        if stream.version == 1:
+            hit = manifest.stage == codec_module.STAGE and manifest.weights.get(CODEC_FILE) == stream.decoder_id
+        else:
+            hit = decoder_id(manifest) == stream.decoder_id
+        if hit:
+            matches.setdefault(decoder_id(manifest), path.parent)
+    where = ", ".join(map(str, roots))
+    if not matches:
+        raise BitstreamError(f"no decoder {stream.decoder_id[:12]}… under {where}; pass -m RUN/STAGE/final")
+    if len(matches) > 1:
+        raise BitstreamError(f"{len(matches)} different decoders under {where} match {stream.decoder_id[:12]}… "
+                             f"({', '.join(map(str, matches.values()))}); pass -m RUN/STAGE/final")
+    return next(iter(matches.values()))

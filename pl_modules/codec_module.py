@@ -59,7 +59,7 @@ class CodecModule(StageModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x = batch["image"]
-        likelihoods = self.codec(pad_to_multiple(x))["likelihoods"]
+        likelihoods = self.codec(pad_to_multiple(x, self.codec.pad_multiple))["likelihoods"]
         stream = encode_image(self.codec, x, IN_MEMORY_ID)
         decoded = decode_image(self.codec, stream, IN_MEMORY_ID)
         metrics = {"val/bpp": stream.bits_per_pixel(), "val/psnr": psnr(decoded, x),

@@ -17,24 +17,33 @@ from compressai.models import (
 )
 from safetensors.torch import load_file, save_file
 
-ARCHITECTURES: dict[str, Callable[[int, int], CompressionModel]] = {}
 CODEC_FILE = "codec.safetensors"
-
-# Every architecture here downsamples by 2^6 at most (4 in the analysis transform, 2 in the hyper-analysis).
-PAD_MULTIPLE = 64
 CODER_TABLES = {"_quantized_cdf", "_offset", "_cdf_length", "scale_table"}
 
 
-def register(name: str):
+@dataclass(frozen=True)
+class Architecture:
+    build: Callable[[int, int], CompressionModel]
+    pad_multiple: int = 64
+    """Input sides are padded to this: the transforms' total downsampling (analysis × hyper-analysis)."""
+    latent_stride: int = 64
+    """Downsampling of the latent whose shape the bitstream carries (z for hyperpriors, y otherwise)."""
+    in_channels: int = 3
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register(name: str, pad_multiple: int = 64, latent_stride: int = 64, in_channels: int = 3):
     def add(builder: Callable[[int, int], CompressionModel]):
         if name in ARCHITECTURES:
             raise KeyError(f"codec architecture '{name}' is already registered")
-        ARCHITECTURES[name] = builder
+        ARCHITECTURES[name] = Architecture(builder, pad_multiple, latent_stride, in_channels)
         return builder
     return add
 
 
-register("bmshj2018-factorized")(lambda N, M: FactorizedPrior(N, M))
+register("bmshj2018-factorized", pad_multiple=16, latent_stride=16)(lambda N, M: FactorizedPrior(N, M))
 register("bmshj2018-hyperprior")(lambda N, M: ScaleHyperprior(N, M))
 register("mbt2018-mean")(lambda N, M: MeanScaleHyperprior(N, M))
 register("mbt2018")(lambda N, M: JointAutoregressiveHierarchicalPriors(N, M))
@@ -58,9 +67,15 @@ class CodecConfig:
 
 
 def build_codec(architecture: str, N: int, M: int) -> CompressionModel:
+    """The codec, carrying its geometry (``architecture``, ``pad_multiple``, ``latent_stride``,
+    ``in_channels``), which the bitstream writes and checks."""
     if architecture not in ARCHITECTURES:
         raise KeyError(f"unknown codec architecture '{architecture}'; choose one of {sorted(ARCHITECTURES)}")
-    return ARCHITECTURES[architecture](N, M)
+    spec = ARCHITECTURES[architecture]
+    codec = spec.build(N, M)
+    codec.architecture, codec.pad_multiple = architecture, spec.pad_multiple
+    codec.latent_stride, codec.in_channels = spec.latent_stride, spec.in_channels
+    return codec
 
 
 def split_parameters(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:

@@ -3,6 +3,8 @@ the codec commands load every model through here, so neither needs to know the s
 them; a new method registers its module once."""
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -11,7 +13,6 @@ from foundation.config import load_config
 from foundation.manifest import Manifest, ManifestError, manifest_path, read_manifest
 from pl_modules.base import StageModule
 from pl_modules.codec_module import CodecModule
-from pl_modules.codecs import CODEC_FILE
 from pl_modules.llicm_module import LLICMModule
 
 FINAL_KINDS: dict[str, type[StageModule]] = {}
@@ -39,14 +40,20 @@ class Final:
         return self.model.codec
 
     @property
-    def stream_id(self) -> str:
-        """The id its bitstreams carry: the sha256 of its codec weights."""
-        return self.manifest.weights[CODEC_FILE]
+    def decoder_id(self) -> str:
+        return decoder_id(self.manifest)
 
     @property
     def setting(self) -> Optional[float]:
         """The rate setting λ its codec was trained at (read up the parent chain), the label of an RD point."""
         return rate_setting(self.folder)
+
+
+def decoder_id(manifest: Manifest) -> str:
+    """The id bitstreams carry: sha256 over the stage and every trained weights file the model
+    decodes with — a stage-3 decoder shares its parent's codec but not its id."""
+    record = json.dumps({"stage": manifest.stage, "weights": sorted(manifest.weights.items())})
+    return hashlib.sha256(record.encode()).hexdigest()
 
 
 def module_config(module: type[StageModule], manifest: Manifest, folder: Path):

@@ -14,7 +14,7 @@ from torchmetrics.functional.image import multiscale_structural_similarity_index
 from datamodules.degradations import TASKS
 from foundation.config import ModuleConfig
 from pl_modules.base import StageModule
-from pl_modules.bitstream import decode_image, encode_image
+from pl_modules.bitstream import BitstreamError, Sampler, decode_image, encode_image
 from pl_modules.codec_module import IN_MEMORY_ID
 from pl_modules.codecs import CODEC_FILE, CodecConfig, build_codec, codec_state, load_codec_weights, split_parameters
 from pl_modules.controller import DegradationController, FrozenClipImageEncoder
@@ -113,12 +113,20 @@ class LLICMModule(StageModule):
             rank_zero_warn(f"validation LPIPS: unavailable: {self.lpips_unavailable}")
 
     @torch.no_grad()
-    def restore(self, decoded: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def restore(self, decoded: torch.Tensor, seed: int, steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(restored image, task logits) from a decoded image, sampled with a fixed seed."""
         logits, tokens = self.controller(self.clip(decoded))
         generator = torch.Generator(device=decoded.device).manual_seed(seed)
-        latents = self.prior.sample(self.prior.encode(decoded), tokens, generator)
+        latents = self.prior.sample(self.prior.encode(decoded), tokens, generator, steps)
         return self.prior.decode(latents), logits
+
+    def sampler_settings(self, seed: int) -> Sampler:
+        return Sampler(steps=self.cfg.prior.sample_steps, seed=seed)
+
+    def reconstruct(self, decoded: torch.Tensor, sampler: Sampler | None) -> torch.Tensor:
+        if sampler is None:
+            raise BitstreamError("the bitstream lacks the sampler settings its diffusion decoder needs")
+        return self.restore(decoded, sampler.seed, sampler.steps)[0]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         degraded, clean, label = batch["degraded"], batch["clean"], int(batch["task"])

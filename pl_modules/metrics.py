@@ -131,7 +131,16 @@ VGG16 = "vgg16-397923af.pth"
 LIQE = _pyiqa_unavailable(lambda: local_file(Path(torch.hub.get_dir()) / "pyiqa" / "liqe_koniq.pt")(),
                           lambda: local_file(Path.home() / ".cache" / "clip" / "ViT-B-32.pt")())
 QALIGN = _pyiqa_unavailable(lambda: hf_cached("q-future/one-align")())
-METRICS: dict[str, Metric] = {m.name: m for m in (
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(metric: Metric) -> None:
+    if metric.name in METRICS:
+        raise KeyError(f"metric '{metric.name}' is already registered")
+    METRICS[metric.name] = metric
+
+
+for _metric in (
     Metric("psnr", psnr),
     Metric("ms-ssim", _ms_ssim),
     Metric("gmsd", _piq("gmsd"), lower_is_better=True),
@@ -142,7 +151,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("brisque", _brisque, reference=False, lower_is_better=True, unavailable=_brisque_unavailable),
     Metric("liqe", _pyiqa("liqe"), reference=False, unavailable=LIQE),
     Metric("qalign", _pyiqa("qalign"), reference=False, unavailable=QALIGN),
-)}
+):
+    register_metric(_metric)
 
 
 def availability(names: list[str]) -> dict[str, Optional[str]]:

@@ -37,7 +37,7 @@ def run(cfg: QuickstartConfig) -> dict:
         print(write_shards(cfg.train_dir or workdir / "photos" / "train", shards).report())
     final = stage1.run(cfg.stage1)
     loaded = load_final(final)
-    codec, sha = loaded.codec, loaded.stream_id
+    codec, sha = loaded.codec, loaded.decoder_id
     sets = {"held-out photos": held_out_dir}
     if Path(cfg.kodak_dir).is_dir():
         sets["Kodak"] = Path(cfg.kodak_dir)

@@ -111,7 +111,7 @@ def test_compress_decompress_cli_gives_the_validation_pixels_and_the_file_bpp(tr
 
     rec = tmp_path / "rec.png"
     assert main(["decompress", str(out), "-o", str(rec), "-m", str(final)]) == 0
-    codec, sha = load_final(final).codec, load_final(final).stream_id
+    codec, sha = load_final(final).codec, load_final(final).decoder_id
     x = to_tensor(load_rgb(image)).unsqueeze(0)
     expected = to_uint8(decode_image(codec, encode_image(codec, x, sha), sha))
     assert np.array_equal(np.asarray(Image.open(rec)), expected)
@@ -127,7 +127,7 @@ def test_decompress_without_a_model_finds_it_by_the_hash_in_the_file(trained_run
     image = list_images(eval_dir)[1]
     assert main(["compress", str(image), "-m", str(final), "-o", "y.bin"]) == 0
     assert main(["decompress", "y.bin", "-o", "y.png"]) == 0
-    codec, sha = load_final(final).codec, load_final(final).stream_id
+    codec, sha = load_final(final).codec, load_final(final).decoder_id
     x = to_tensor(load_rgb(image)).unsqueeze(0)
     assert np.array_equal(np.asarray(Image.open(runs / "y.png")), to_uint8(decode_image(codec, encode_image(codec, x, sha), sha)))
 
@@ -155,7 +155,7 @@ def test_damaged_or_foreign_bitstreams_fail_with_one_line(damage, trained_run, e
     assert main(["decompress", str(out), "-o", str(tmp_path / "r.png"), "-m", str(model)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
-    assert {"truncate": "truncated", "flip": "corrupt", "other-model": "not by this model"}[damage] in err
+    assert {"truncate": "truncated", "flip": "corrupt", "other-model": "not by this one"}[damage] in err
     assert not (tmp_path / "r.png").exists()
 
 

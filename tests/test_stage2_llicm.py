@@ -144,6 +144,38 @@ def test_stage2_chains_from_stage1_in_a_pipeline_and_hands_over_adapters_alone(c
 
 
 @pytest.mark.chain
+def test_codec_commands_work_for_a_restorer_and_its_file_names_the_whole_decoder(chained, eval_dir, tmp_path,
+                                                                                 monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from datamodules.images import list_images, load_rgb, to_tensor, to_uint8
+    from pl_modules.bitstream import decode_image, unpack
+    from pl_modules.finals import load_final
+    from train import main
+
+    spec, runs, (codec_final, restore_final, _) = chained
+    image = list_images(eval_dir)[0]
+    monkeypatch.chdir(runs)
+    assert main(["compress", str(image), "-m", str(restore_final), "-o", "r.bin", "--seed", "7"]) == 0
+    assert main(["compress", str(image), "-m", str(codec_final), "-o", "c.bin"]) == 0
+    restorer, codec_only = unpack((runs / "r.bin").read_bytes()), unpack((runs / "c.bin").read_bytes())
+    assert restorer.sampler.seed == 7 and codec_only.sampler is None
+    assert restorer.decoder_id != codec_only.decoder_id  # more than the codec decodes a restorer's file
+    (runs / "checkpoints").symlink_to(runs / "runs", target_is_directory=True)  # where users keep runs
+    for name in ("r", "c"):  # each file finds its own decoder under checkpoints/
+        assert main(["decompress", f"{name}.bin", "-o", f"{name}.png"]) == 0
+    model = load_final(restore_final)
+    decoded = decode_image(model.codec, restorer, model.decoder_id)
+    expected = to_uint8(model.model.restore(decoded, seed=7, steps=restorer.sampler.steps)[0])
+    assert np.array_equal(np.asarray(Image.open(runs / "r.png")), expected)
+    assert main(["decompress", "r.bin", "-o", "again.png"]) == 0  # deterministic given the seed in the file
+    assert np.array_equal(np.asarray(Image.open(runs / "again.png")), expected)
+    x = to_tensor(load_rgb(image)).unsqueeze(0)
+    assert np.asarray(Image.open(runs / "c.png")).shape == to_uint8(x).shape
+
+
+@pytest.mark.chain
 def test_evaluate_scores_restorers_per_task_against_the_clean_image(chained, eval_dir, tmp_path):
     _, _, (_, restore_final, baseline_final) = chained
     curves = run(EvaluateConfig(images=str(eval_dir), classical=[], metrics=["psnr"], tasks=["denoise", "dehaze"],

@@ -1,0 +1,50 @@
+"""The judge interface: P(a closer to the reference than b), batched, picked by name."""
+import pytest
+import torch
+
+from pl_modules import judges, metrics
+from pl_modules.metrics import Metric, Unavailable
+
+pytestmark = pytest.mark.unit
+
+
+def images(batch=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    reference = torch.rand(batch, 3, 48, 48, generator=g)
+    light = (reference + 0.02 * torch.randn(reference.shape, generator=g)).clamp(0, 1)
+    heavy = (reference + 0.2 * torch.randn(reference.shape, generator=g)).clamp(0, 1)
+    return reference, light, heavy
+
+
+@pytest.mark.parametrize("name", ["psnr", "gmsd", "haarpsi"])
+def test_a_metric_judge_prefers_the_milder_distortion_per_item_and_ties_at_a_half(name):
+    judge = judges.build_judge(name)
+    reference, light, heavy = images()
+    assert judge.prefer(reference, light, heavy).tolist() == [1.0, 1.0, 1.0]
+    assert judge.prefer(reference, heavy, light).tolist() == [0.0, 0.0, 0.0]
+    mixed_a, mixed_b = torch.stack([light[0], heavy[1]]), torch.stack([heavy[0], light[1]])
+    assert judge.prefer(reference[:2], mixed_a, mixed_b).tolist() == [1.0, 0.0]
+    assert judge.prefer(reference, light, light).tolist() == [0.5, 0.5, 0.5]
+
+
+def test_judges_are_picked_by_name_and_unknown_ones_list_the_choices():
+    assert {"psnr", "ms-ssim", "lpips", "clip:<arg>"} <= set(judges.choices())
+    assert "brisque" not in judges.choices()  # no-reference metrics cannot judge closeness
+    for bad in ("nope", "psnr:x", "clip"):
+        with pytest.raises(ValueError, match="choose from"):
+            judges.build_judge(bad)
+
+
+def test_a_judge_without_its_weights_is_unavailable_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(Unavailable, match="needs weights"):
+        judges.build_judge("lpips")
+    with pytest.raises(Unavailable, match="not available locally"):
+        judges.build_judge(f"clip:{tmp_path / 'no-clip'}")
+
+
+def test_registries_refuse_a_duplicate_name():
+    with pytest.raises(KeyError, match="judge 'psnr' is already registered"):
+        judges.register_judge("psnr", judges.JudgeKind(judges.MetricJudge))
+    with pytest.raises(KeyError, match="metric 'psnr' is already registered"):
+        metrics.register_metric(Metric("psnr", lambda a, b: 0.0))
