@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pl_modules.bitstream import DEFAULT_MAX_PIXELS
     from evaluation.judge import JudgeConfig
     from stages.pipeline import PipelineConfig
+    from stages.preference_data import PreferenceShardsConfig
     from stages.quickstart import PRESET, QuickstartConfig
     from stages.registry import STAGE_KINDS
     from stages.sweep import SweepConfig
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_command(sub, "evaluate", EvaluateConfig,
                        "stage manifests and classical anchors on an image folder: RD JSONs, per-image CSV, plots")
     add_config_command(sub, "evaluate-judge", JudgeConfig, "agreement of judges with people on 2AFC pairs (BAPPS)")
+    add_config_command(sub, "preference-shards", PreferenceShardsConfig,
+                       "judged pairs from a stage-2 decoder into shards, for stage 3's offline mode")
     bd = sub.add_parser("bd-rate", help="BD-rate and BD-metric of RD JSONs against a reference")
     bd.add_argument("reference", help="CompressAI-format results JSON of the reference (anchor)")
     bd.add_argument("tests", nargs="+", help="results JSONs to compare with it")
@@ -151,6 +154,10 @@ def run_command(args) -> None:
             from evaluation import judge
 
             judge.run(cfg)
+        elif args.command == "preference-shards":
+            from stages import preference_data
+
+            print(preference_data.run(cfg).report())
         elif args.command == "sweep":
             from stages import sweep
 

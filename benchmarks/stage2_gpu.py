@@ -40,25 +40,33 @@ def save_clip_l_vision(folder: Path) -> Path:
     return folder
 
 
-def timed_run(overrides: list[str], warmup: int, steps: int) -> tuple[float, float]:
-    cfg = load_config(stage2_llicm.Stage2LLICMConfig, overrides=[
+def timed_run(overrides: list[str], warmup: int, steps: int, stage=stage2_llicm,
+              schema=stage2_llicm.Stage2LLICMConfig) -> tuple[float, float]:
+    """(steps/s after ``warmup`` steps, peak GPU memory in GiB) of a real run of ``stage``."""
+    cfg = load_config(schema, overrides=[
         *overrides, f"trainer.max_steps={warmup + steps}", f"trainer.val_every={10 * (warmup + steps)}",
         "trainer.checkpoint_every=1000000", "trainer.progress_bar=false"])
     timer = StepTimer(warmup)
     torch.cuda.reset_peak_memory_stats()
     with trainer_module.extra_callbacks(timer):
-        stage2_llicm.run(cfg)
+        stage.run(cfg)
     return steps / (timer.end - timer.start), torch.cuda.max_memory_allocated() / 2**30
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def gpu_arguments(doc: str, warmup: int, steps: int) -> argparse.Namespace:
+    """--images, --batch, --warmup, --steps of the GPU stage benchmarks; prints the device."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", required=True)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--steps", type=int, default=steps)
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    return args
+
+
+def main() -> None:
+    args = gpu_arguments(__doc__, warmup=5, steps=20)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         prior, clip = save_sd21_sized(tmp / "sd"), save_clip_l_vision(tmp / "clip")
@@ -74,14 +82,20 @@ def main() -> None:
                   "data.val_tasks=[denoise]", "data.val_max_images=1", "data.crop=512", "data.val_crop=512",
                   f"data.batch_size={args.batch}", "data.num_workers=8", "data.decoded_cache_mb=4096",
                   "prior.sample_steps=4", "trainer.accelerator=gpu", "trainer.devices=1"]
-        results = {}
-        for name, extra in (("fp32", ["trainer.precision=32-true", "prior.frozen_dtype=float32"]),
-                            ("bf16-mixed, frozen bf16", ["trainer.precision=bf16-mixed", "prior.frozen_dtype=bfloat16"])):
-            results[name] = timed_run([*common, f"run={name.split(',')[0]}", *extra], args.warmup, args.steps)
-            print(f"stage 2 LL-ICM, batch {args.batch} of 512-px pairs, {name}: {results[name][0]:.2f} steps/s, "
-                  f"peak {results[name][1]:.2f} GiB", flush=True)
-        (fast, fast_mem), (slow, slow_mem) = results["bf16-mixed, frozen bf16"], results["fp32"]
-        print(f"bf16 / fp32: {fast / slow:.3f}× steps/s, {fast_mem / slow_mem:.3f}× peak memory")
+        compare_precisions(f"stage 2 LL-ICM, batch {args.batch} of 512-px pairs", {
+            "fp32": ["trainer.precision=32-true", "prior.frozen_dtype=float32"],
+            "bf16-mixed, frozen bf16": ["trainer.precision=bf16-mixed", "prior.frozen_dtype=bfloat16"]}, common, args)
+
+
+def compare_precisions(label: str, arms: dict[str, list[str]], common: list[str], args, stage=stage2_llicm,
+                       schema=stage2_llicm.Stage2LLICMConfig) -> None:
+    """The fp32 arm and the bf16 arm (first and second) side by side in one process, and their ratio."""
+    results = {}
+    for name, extra in arms.items():
+        results[name] = timed_run([*common, f"run={name.split(',')[0]}", *extra], args.warmup, args.steps, stage, schema)
+        print(f"{label}, {name}: {results[name][0]:.2f} steps/s, peak {results[name][1]:.2f} GiB", flush=True)
+    (slow, slow_mem), (fast, fast_mem) = results.values()
+    print(f"bf16 / fp32: {fast / slow:.3f}× steps/s, {fast_mem / slow_mem:.3f}× peak memory")
 
 
 if __name__ == "__main__":

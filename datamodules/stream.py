@@ -28,6 +28,7 @@ from datamodules.images import load_rgb
 from webdataset.gopen import gopen
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+PREFERENCE_IMAGES = ("clean", "decoded", "a", "b")
 log = logging.getLogger(__name__)
 
 
@@ -100,19 +101,23 @@ def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.nd
     return crop[:, ::-1] if rng.random() < 0.5 else crop
 
 
-def decode_sample(sample: dict) -> tuple[np.ndarray, int]:
-    """(H×W×C uint8, task label): C=3 for an image (label −1), C=6 for a (degraded, clean) pair,
-    stacked so that one crop cuts both at the same place."""
+def decode_sample(sample: dict) -> tuple[np.ndarray, dict]:
+    """(H×W×C uint8, metadata): C=3 for an image, C=6 for a (degraded, clean) pair with its task
+    label, C=12 for a judged preference pair (clean, decoded, a, b) with its label and preference —
+    stacked so that one crop cuts every image at the same place."""
+    if "a.png" in sample:
+        images = [load_rgb(sample[f"{name}.png"]) for name in PREFERENCE_IMAGES]
+        return np.concatenate(images, axis=-1), json.loads(sample["json"])
     if "degraded.png" in sample:
         clean = next((sample[k] for k in sample if k.startswith("clean.")), None)
         if clean is None:
             raise KeyError(f"pair {sample.get('__key__')} has no clean image ({sorted(sample)})")
         pair = np.concatenate([load_rgb(sample["degraded.png"]), load_rgb(clean)], axis=-1)
-        return pair, int(json.loads(sample["json"])["label"])
+        return pair, json.loads(sample["json"])
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise KeyError(f"sample {sample.get('__key__')} has no image ({sorted(sample)})")
-    return load_rgb(sample[key]), -1
+    return load_rgb(sample[key]), {}
 
 
 class DecodedCache:
@@ -122,7 +127,7 @@ class DecodedCache:
     def __init__(self, budget_bytes: int):
         self.budget, self.used, self.images = budget_bytes, 0, OrderedDict()
 
-    def get(self, sample: dict) -> tuple[np.ndarray, int]:
+    def get(self, sample: dict) -> tuple[np.ndarray, dict]:
         key = (sample.get("__url__"), sample.get("__key__"))
         if key in self.images:
             self.images.move_to_end(key)
@@ -137,9 +142,9 @@ class DecodedCache:
 
 
 class CropStream(IterableDataset):
-    """Batches of random crops, ``{"image": B×3×S×S, "keys", "skipped"}``, or for pair shards
-    ``{"degraded", "clean": B×3×S×S, "task": B labels, "keys", "skipped"}``; use with
-    ``batch_size=None``."""
+    """Batches of random crops, ``{"image": B×3×S×S, "keys", "skipped"}``; for pair shards
+    ``{"degraded", "clean": B×3×S×S, "task": B labels, …}``; for preference shards ``{"clean",
+    "decoded", "a", "b", "task", "prefs": P(a closer), …}``. Use with ``batch_size=None``."""
 
     def __init__(self, shards: list[tuple[str, int]], crop: int, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, start_batch: int = 0, cache_mb: int = 0):
@@ -160,13 +165,13 @@ class CropStream(IterableDataset):
             yield self._collate(window, position.stream, batch_index, cache)
 
     def _collate(self, window: list[dict], stream: int, batch_index: int, cache: DecodedCache) -> dict:
-        crops, labels, keys, skipped = [], [], [], 0
+        crops, metas, keys, skipped = [], [], [], 0
         for offset, sample in enumerate(window):
             rng = np.random.default_rng([self.seed, stream, batch_index * self.batch_size + offset])
             try:
-                pixels, label = cache.get(sample)
+                pixels, meta = cache.get(sample)
                 crops.append(random_crop(pixels, self.crop, rng))
-                labels.append(label)
+                metas.append(meta)
                 keys.append(sample["__key__"])
             except Exception as err:  # noqa: BLE001 - counted and logged as train/skipped_samples
                 log.warning("skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), err)
@@ -175,7 +180,12 @@ class CropStream(IterableDataset):
             raise RuntimeError(f"every sample of batch {batch_index} failed to decode (shard "
                                f"{window[0].get('__url__') if window else '?'} looks corrupt)")
         images = torch.from_numpy(np.ascontiguousarray(np.stack(crops))).permute(0, 3, 1, 2).float().div(255)
+        common = {"keys": keys, "skipped": skipped}
+        if images.shape[1] == 3 * len(PREFERENCE_IMAGES):
+            parts = dict(zip(PREFERENCE_IMAGES, images.split(3, dim=1)))
+            return {**parts, "task": torch.tensor([m["label"] for m in metas]),
+                    "prefs": torch.tensor([m["pref"] for m in metas], dtype=torch.float32), **common}
         if images.shape[1] == 6:
-            return {"degraded": images[:, :3], "clean": images[:, 3:], "task": torch.tensor(labels), "keys": keys,
-                    "skipped": skipped}
-        return {"image": images, "keys": keys, "skipped": skipped}
+            return {"degraded": images[:, :3], "clean": images[:, 3:], "task": torch.tensor([m["label"] for m in metas]),
+                    **common}
+        return {"image": images, **common}

@@ -16,14 +16,14 @@ import torch
 from tqdm import tqdm
 
 from datamodules.images import centre_crop, list_images, load_rgb, to_tensor
-from evaluation import distribution
+from evaluation import distribution, preference
 from evaluation.classical import CODECS, code
 from evaluation.rd import plot_rd
 from pl_modules import features
 from pl_modules.bitstream import round_trip
 from pl_modules.finals import load_final
-from pl_modules.llicm_module import STAGE as LLICM_STAGE
-from pl_modules.metrics import availability, measure
+from pl_modules.judges import build_judge
+from pl_modules.metrics import Unavailable, availability, measure
 
 # CompressAI's results keys for the metrics that have one.
 RESULT_KEYS = {"psnr": "psnr-rgb"}
@@ -50,11 +50,18 @@ class EvaluateConfig:
     fid_kid: bool = True
     """FID and KID on 256-px patches (HiFiC/MS-ILLM protocol), when the Inception weights are cached."""
     restorers: list[str] = field(default_factory=list)
-    """Stage-2 final/ folders as 'name=path'; one name's folders form one curve per task (e.g.
-    llicm=… and baseline=…, the latter trained with train_codec=false on the same codec)."""
+    """Restorers' final/ folders (stage 2, or stage 3 after it) as 'name=path'; one name's folders form
+    one curve per task (e.g. llicm=… and baseline=…, the latter trained with train_codec=false on the same codec)."""
     tasks: list[str] = field(default_factory=lambda: ["dehaze", "denoise", "derain", "deraindrop", "deshadow",
                                                       "inpaint"])
     """Degradations the restorers are evaluated on (each image degraded with a seed fixed by its index)."""
+    post_trained: list[str] = field(default_factory=list)
+    """Stage-3 final/ folders as 'name=path': each one's win rate over its stage-2 reference (same bits,
+    same seeds), per judge, with a bootstrap interval over images, on the restorers' tasks and crop."""
+    win_judges: list[str] = field(default_factory=lambda: ["psnr", "ms-ssim"])
+    """Judges of the win rate (pl_modules/judges.py); the training judge and at least one independent one."""
+    win_seeds: int = 2
+    """Sampling seeds per image and task for the win rate."""
     restore_crop: int = 0
     """Centre crop of at most this side for the restorers (0: the whole image, cut to a multiple of
     64); sampling a diffusion prior over whole images is slow on a CPU."""
@@ -90,7 +97,38 @@ def run(cfg: EvaluateConfig) -> dict[str, dict]:
             unavailable[codec] = why
     rows += classical_rows(cfg, images, metrics, [c for c in cfg.classical if c not in unavailable])
     originals = {p.name: distribution.inception_features(to_tensor(load_rgb(p)).unsqueeze(0)) for p in images} if fid else {}
-    return write_outputs(Path(cfg.out_dir), rows, unavailable, originals)
+    curves = write_outputs(Path(cfg.out_dir), rows, unavailable, originals)
+    if cfg.post_trained:
+        curves["win_rates"] = win_rates(cfg, images)
+    return curves
+
+
+def win_rates(cfg: EvaluateConfig, images: list[Path]) -> dict[str, dict]:
+    """Each post-trained decoder against its stage-2 reference, by every judge available here;
+    written to win_rates.json and printed."""
+    judges, unavailable = {}, {}
+    for spec in cfg.win_judges:
+        try:
+            judges[spec] = build_judge(spec)
+        except Unavailable as err:
+            unavailable[spec] = str(err)
+    results = {}
+    for spec in cfg.post_trained:
+        name, _, folder = spec.partition("=")
+        final = load_final(folder, need_codec=True)
+        if not hasattr(final.model, "restore_reference"):
+            raise ValueError(f"post_trained '{name}': a {final.manifest.stage} model has no reference to be compared with")
+        prefs = preference.paired_preferences(final, images, cfg.tasks, cfg.win_seeds, judges, cfg.restore_crop)
+        results[name] = {"judges": {judge: preference.win_rate(prefs[judge]) for judge in judges},
+                         "psnr_post": float(prefs["psnr_post"].mean()),
+                         "psnr_reference": float(prefs["psnr_reference"].mean()),
+                         "unavailable": unavailable}
+        for judge, r in results[name]["judges"].items():
+            print(f"{name}: win rate over its reference by {judge}: {r['win_rate']:.3f} "
+                  f"[{r['win_rate_ci_low']:.3f}, {r['win_rate_ci_high']:.3f}] ({r['n_pairs']} pairs, {r['n_images']} images)")
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out_dir) / "win_rates.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
 
 
 def measure_all(metrics: list[str], x_hat: torch.Tensor, x: torch.Tensor) -> dict:
@@ -135,7 +173,9 @@ def restoration_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]
         name, _, folder = spec.partition("=")
         if not folder:
             raise ValueError(f"restorer '{spec}' must be 'name=path/to/final'")
-        final = load_final(folder, expect_stage=LLICM_STAGE)
+        final = load_final(folder, need_codec=True)
+        if not hasattr(final.model, "restore"):
+            raise ValueError(f"restorer '{name}': a {final.manifest.stage} model does not restore images")
         model, sha = final.model, final.decoder_id
         for seed, path in enumerate(tqdm(images, desc=f"{name} λ={final.setting}", unit="img")):
             clean = centre_crop(load_rgb(path), cfg.restore_crop)

@@ -155,11 +155,12 @@ class StageModule(L.LightningModule):
         if missing or unexpected:
             raise ValueError(f"checkpoint does not match this {self.STAGE} model: missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]}")
-        if self.entropy_codec is not None:
+        prefix = "codec."
+        codec_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if codec_state:  # a trained codec (a frozen one stays out of checkpoints)
             # The entropy coder's tables were sized by update() before the checkpoint; CompressAI's
             # own load_state_dict resizes ours to match, which Lightning's generic load would refuse.
-            prefix = "codec."
-            self.entropy_codec.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            self.entropy_codec.load_state_dict(codec_state)
 
     def log_image(self, tag: str, image: torch.Tensor) -> None:
         experiment = getattr(self.logger, "experiment", None)

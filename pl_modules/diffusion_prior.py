@@ -12,6 +12,7 @@ weights and adds a new adapter, so that ``adapters_disabled()`` is exactly that 
 """
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,8 +171,12 @@ class DiffusionPrior(nn.Module):
 
     def _frozen_autocast(self, device: torch.device):
         """Frozen bf16 weights take bf16 inputs: Lightning's bf16-mixed autocast gives them that in
-        training; this gives it everywhere else too (evaluate, restore, benchmarks)."""
-        return torch.autocast(device.type, torch.bfloat16, enabled=self.cfg.frozen_dtype == "bfloat16")
+        training; this gives it everywhere else too (evaluate, restore, benchmarks). With float32
+        weights it leaves whatever autocast the caller runs under in force (disabling it would feed
+        a bf16-mixed run's bf16 activations to float32 weights)."""
+        if self.cfg.frozen_dtype != "bfloat16":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, torch.bfloat16)
 
     def is_trained(self, unet_parameter: str) -> bool:
         """Whether training changes this UNet parameter: all of them with train_unet; otherwise LoRA
@@ -260,10 +265,14 @@ class DiffusionPrior(nn.Module):
 
     def trained_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """File name → tensors of what training changes: LoRA (peft's layout, loadable with
-        ``set_peft_model_state_dict``) and conv_in, each alone; or the whole UNet with train_unet."""
+        ``set_peft_model_state_dict``) and conv_in, each alone; or the whole UNet with train_unet;
+        after freeze_as_reference, the new adapter alone."""
         from peft.utils import get_peft_model_state_dict
 
-        if self.cfg.train_unet:
+        if self.reference_adapter is not None:
+            states = {adapter_file(self.reference_adapter):
+                      get_peft_model_state_dict(self.unet, adapter_name=self.reference_adapter)}
+        elif self.cfg.train_unet:
             states = {UNET_FILE: self.unet.state_dict()}
         else:
             states = {}
@@ -282,24 +291,34 @@ class DiffusionPrior(nn.Module):
         return {name: folder / name for name in states}
 
     def load_trained(self, folder: str | Path) -> None:
-        """Strictly: every LoRA key of this configuration must be in the file, and nothing else."""
-        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-
+        """Strictly: every adapter key of this configuration must be in the file, and nothing else."""
         folder = Path(folder)
+        if self.reference_adapter is not None:
+            self._load_adapter(folder / adapter_file(self.reference_adapter), self.reference_adapter)
+            return
         if self.cfg.train_unet:
             self.unet.load_state_dict(load_file(str(folder / UNET_FILE)), strict=True)
             return
         if self.cfg.lora_rank:
-            state = load_file(str(folder / LORA_FILE))
-            expected = {k: v.shape for k, v in get_peft_model_state_dict(self.unet).items()}
-            missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-            resized = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k])
-            if missing or unexpected or resized:
-                raise ValueError(f"{folder / LORA_FILE} does not match this LoRA configuration: missing "
-                                 f"{missing[:3]}, unexpected {unexpected[:3]}, other shapes {resized[:3]}")
-            set_peft_model_state_dict(self.unet, state)
+            self._load_adapter(folder / LORA_FILE, "default")
         if self.cfg.condition_channels:
             self.unet.conv_in.load_state_dict(load_file(str(folder / CONV_IN_FILE)), strict=True)
+
+    def _load_adapter(self, path: Path, name: str) -> None:
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+        state = load_file(str(path))
+        expected = {k: v.shape for k, v in get_peft_model_state_dict(self.unet, adapter_name=name).items()}
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        resized = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k])
+        if missing or unexpected or resized:
+            raise ValueError(f"{path} does not match this LoRA configuration: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}, other shapes {resized[:3]}")
+        set_peft_model_state_dict(self.unet, state, adapter_name=name)
+
+
+def adapter_file(name: str) -> str:
+    return f"unet_lora_{name}.safetensors"
 
 
 def _check(cfg: DiffusionPriorConfig) -> None:

@@ -14,6 +14,7 @@ from foundation.manifest import Manifest, ManifestError, manifest_path, read_man
 from pl_modules.base import StageModule
 from pl_modules.codec_module import CodecModule
 from pl_modules.llicm_module import LLICMModule
+from pl_modules.vlic_module import VLICModule
 
 FINAL_KINDS: dict[str, type[StageModule]] = {}
 
@@ -26,6 +27,7 @@ def register_final(module: type[StageModule]) -> None:
 
 register_final(CodecModule)
 register_final(LLICMModule)
+register_final(VLICModule)
 
 
 @dataclass

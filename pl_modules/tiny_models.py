@@ -131,4 +131,45 @@ def save_tiny_diffusion(folder: str | Path, cross_attention_dim: int = 32, seed:
     return folder
 
 
-PRESETS = {"tiny-sd": save_tiny_diffusion, "tiny-pixel": save_tiny_pixel_diffusion, "tiny-clip": save_tiny_clip}
+# A chat template for the tiny VLM: role, then the content items in order, images as <image>.
+TINY_VLM_TEMPLATE = ("{% for message in messages %}{{ message['role'] }}: {% for item in message['content'] %}"
+                     "{% if item['type'] == 'image' %}<image>{% else %}{{ item['text'] }}{% endif %}{% endfor %}\n"
+                     "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def save_tiny_vlm(folder: str | Path, image_size: int = 32, seed: int = 0) -> Path:
+    """A LLaVA-structured multi-image VLM (CLIP vision tower, projector, 2-layer Llama) with a
+    processor and a chat template, loadable through AutoModelForImageTextToText and AutoProcessor
+    exactly as a real one (Qwen2-VL, SmolVLM, LLaVA-OneVision, …) is. Random: its answers mean
+    nothing; it exercises the judge's real path offline."""
+    import torch
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.model_max_length = 1024  # three images' tokens and a prompt
+    vocab = tokenizer.get_vocab()
+    patch = 8
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=image_size, patch_size=patch)
+    text = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                       bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                       pad_token_id=vocab["<|endoftext|>"])
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=vocab["<image>"],
+                         image_seq_length=(image_size // patch) ** 2, vision_feature_layer=-1)
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                   chat_template=TINY_VLM_TEMPLATE).save_pretrained(folder)
+    return folder
+
+
+PRESETS = {"tiny-sd": save_tiny_diffusion, "tiny-pixel": save_tiny_pixel_diffusion, "tiny-clip": save_tiny_clip,
+           "tiny-vlm": save_tiny_vlm}

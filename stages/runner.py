@@ -33,9 +33,10 @@ def run_stage(cfg, module: StageModule, datamodule, parent: Optional[Manifest] =
     final = cfg.stage_dir / "final"
     if trainer.is_global_zero:
         module = module.cpu()
-        codec = getattr(cfg, "codec", None)
-        manifest = Manifest(stage=module.STAGE, weights={}, params=section(cfg, module.CONFIG),
-                            codec=to_dict(codec) if codec is not None else None, metrics=metrics,
+        # A stage that keeps its parent's codec frozen hands on the parent's description of it.
+        codec = to_dict(cfg.codec) if hasattr(cfg, "codec") else (parent.codec if parent else None)
+        manifest = Manifest(stage=module.STAGE, weights={}, params=section(module.cfg, module.CONFIG),
+                            codec=codec, metrics=metrics,
                             git_commit=git_commit(),
                             parent=str(manifest_path(cfg.init_from).resolve()) if parent else None,
                             parent_weights=parent.weights if parent else {})

@@ -118,7 +118,8 @@ def make_bapps(folder, photo_dir, flip=False, count=12):
 @pytest.mark.unit
 def test_judge_agreement_matches_hand_computed_2afc_scores(tmp_path, photo_dir):
     make_bapps(tmp_path / "set", photo_dir)
-    results = judge.run(JudgeConfig(dataset=str(tmp_path / "set"), judges=["psnr", "gmsd", "lpips"], bootstrap=200))
+    results = judge.run(JudgeConfig(dataset=str(tmp_path / "set"), judges=["psnr", "gmsd", "lpips"], bootstrap=200,
+                                    out_dir=str(tmp_path / "out")))
     # Every pair: judge prefers p0 (p=0), people prefer p1 with h=0.1, so the credit is 0.9.
     assert results["psnr"]["agreement"] == pytest.approx(0.9)
     assert results["gmsd"]["agreement"] == pytest.approx(0.9)
@@ -127,7 +128,8 @@ def test_judge_agreement_matches_hand_computed_2afc_scores(tmp_path, photo_dir):
     lpips_here = metrics.availability(["lpips"])["lpips"] is None
     assert set(results["lpips"]) == ({"agreement", "ci95", "pairs"} if lpips_here else {"unavailable"})
     make_bapps(tmp_path / "flipped", photo_dir, flip=True)
-    flipped = judge.run(JudgeConfig(dataset=str(tmp_path / "flipped"), judges=["psnr"], bootstrap=50))
+    flipped = judge.run(JudgeConfig(dataset=str(tmp_path / "flipped"), judges=["psnr"], bootstrap=50,
+                                    out_dir=str(tmp_path / "out")))
     assert flipped["psnr"]["agreement"] == pytest.approx(0.9)  # the judge now prefers p1, as do 90 % of people
     assert judge.agreement(np.array([1.0, 0.0, 0.5]), np.array([1.0, 1.0, 0.5])) == pytest.approx((1 + 0 + 0.5) / 3)
 
@@ -140,7 +142,7 @@ def test_a_clip_judge_runs_through_from_pretrained_and_a_missing_one_is_unavaila
     for ref in (tmp_path / "set" / "ref").iterdir():  # p1 is the reference itself: any CLIP must prefer it
         (tmp_path / "set" / "p1" / ref.name).write_bytes(ref.read_bytes())
     clip = save_tiny_clip(tmp_path / "clip")
-    results = judge.run(JudgeConfig(dataset=str(tmp_path / "set"), judges=[f"clip:{clip}", "clip:/no/such/clip"],
+    results = judge.run(JudgeConfig(dataset=str(tmp_path / "set"), judges=[f"clip:{clip}", "clip:/no/such/clip"], out_dir=str(tmp_path / "out"),
                                     bootstrap=20))
     assert results[f"clip:{clip}"]["agreement"] == pytest.approx(0.9)
     assert "not available locally" in results["clip:/no/such/clip"]["unavailable"]
@@ -152,3 +154,21 @@ def test_judge_set_with_a_missing_side_is_refused(tmp_path, photo_dir):
     (tmp_path / "set" / "judge" / "0001.npy").unlink()
     with pytest.raises(FileNotFoundError, match="0001"):
         judge.load_pairs(tmp_path / "set")
+
+
+@pytest.mark.unit
+def test_a_synthetic_2afc_set_has_known_answers_and_says_it_is_not_human(tmp_path, photo_dir):
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted(photo_dir.iterdir())[:4]:
+        (images / path.name).write_bytes(path.read_bytes())
+    results = judge.run(JudgeConfig(synthetic_from=str(images), judges=["psnr", "gmsd"], bootstrap=50,
+                                    out_dir=str(tmp_path / "out")))
+    pairs = judge.load_pairs(tmp_path / "out" / "synthetic-2afc")
+    assert len(pairs) == 4 * len(judge.SYNTHETIC_LEVELS)
+    assert {p["human"] for p in pairs} == {0.0, 1.0}  # the mild version lands on both sides
+    assert results["psnr"]["agreement"] == 1.0  # one distortion, two strengths: PSNR always picks the mild one
+    assert "not human" in results["gmsd"]["labels"]
+    assert json.loads((tmp_path / "out" / "judge_agreement.json").read_text())["psnr"]["pairs"] == len(pairs)
+    with pytest.raises(ValueError, match="exactly one of dataset"):
+        JudgeConfig(dataset="x", synthetic_from="y")

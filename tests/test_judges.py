@@ -48,3 +48,29 @@ def test_registries_refuse_a_duplicate_name():
         judges.register_judge("psnr", judges.JudgeKind(judges.MetricJudge))
     with pytest.raises(KeyError, match="metric 'psnr' is already registered"):
         metrics.register_metric(Metric("psnr", lambda a, b: 0.0))
+
+
+def test_combined_judges_keep_agreed_pairs_or_average_and_drop_unsure_ones():
+    class Fixed:
+        def __init__(self, name, values):
+            self.name, self.values = name, torch.tensor(values)
+
+        def prefer(self, reference, a, b):
+            return self.values
+
+    first, second = Fixed("x", [1.0, 0.0, 1.0, 0.6]), Fixed("y", [1.0, 1.0, 0.5, 0.7])
+    agree = judges.CombinedJudge([first, second], "agree")
+    out = agree.prefer(None, None, None)
+    assert out[0] == 1.0 and out[3] == pytest.approx(0.6) and out[1:3].isnan().all()
+    assert agree.agreement == 0.5
+    ensemble = judges.CombinedJudge([first, second], "ensemble", weights=[3.0, 1.0], margin=0.2)
+    out = ensemble.prefer(None, None, None)
+    assert out[0] == 1.0 and out[1] == 0.25 and out[2] == pytest.approx(0.875) and out[3].isnan()  # 0.625 is unsure
+    assert judges.build_combined(judges.JudgingConfig(judge="psnr")).name == "psnr"
+    with pytest.raises(ValueError, match="2 weights for 1 judges"):
+        judges.CombinedJudge([first], "ensemble", weights=[1.0, 2.0])
+
+
+def test_a_metric_undefined_at_this_size_gives_no_vote_not_a_side():
+    reference, light, heavy = images()  # 48 px: below MS-SSIM's five scales
+    assert judges.build_judge("ms-ssim").prefer(reference, light, heavy).isnan().all()

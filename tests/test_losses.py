@@ -68,3 +68,25 @@ def test_llicm_loss_weighs_its_terms_as_written():
     assert out["classification"].item() == pytest.approx(-math.log(0.75))
     assert out["loss"].item() == pytest.approx(2 * 0.01 + 3 * 0.5 + 4 * 1.0 - 5 * math.log(0.75))
     assert out["accuracy"].item() == 1.0
+
+
+def test_diffusion_dpo_loss_against_hand_computed_values():
+    from pl_modules.losses import diffusion_dpo_loss
+
+    same = torch.tensor([0.3, 0.7])
+    equal = diffusion_dpo_loss(same, same, same, same, beta=5000.0)
+    assert equal["loss"].item() == pytest.approx(math.log(2))  # equal margins: σ(0) = ½
+    assert equal["implicit_acc"].item() == 0.0 and equal["reward_margin"].item() == 0.0
+    # The model denoises the winner 0.001 better than the reference does: inside = β/2 · 0.001.
+    w, l, rw, rl = torch.tensor([0.10]), torch.tensor([0.20]), torch.tensor([0.101]), torch.tensor([0.20])
+    for beta in (1000.0, 4000.0):
+        out = diffusion_dpo_loss(w, l, rw, rl, beta=beta)
+        inside = beta / 2 * 0.001
+        assert out["loss"].item() == pytest.approx(math.log(1 + math.exp(-inside)), rel=1e-4)
+        assert out["reward_margin"].item() == pytest.approx(inside, rel=1e-4)
+        assert out["implicit_acc"].item() == 1.0
+    worse = diffusion_dpo_loss(rw, l, w, rl, beta=1000.0)  # the other sign: the winner got worse
+    assert worse["implicit_acc"].item() == 0.0 and worse["loss"].item() > math.log(2)
+    assert worse["model_ref_mse"].item() == pytest.approx(0.0005, rel=1e-3)
+    sft = diffusion_dpo_loss(w, l, rw, rl, beta=1000.0, sft_weight=2.0)
+    assert sft["loss"].item() == pytest.approx(sft["dpo"].item() + 2.0 * 0.10, rel=1e-5)

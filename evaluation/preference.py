@@ -1,0 +1,52 @@
+"""Win rate of a post-trained (stage-3) decoder over its reference, the stage-2 decoder it started
+from: the same bits and sampling seeds for both, a judge deciding which is closer to the clean
+image, ties counting ½, and a 95 % bootstrap interval over images (the seeds of an image are
+averaged within it, so the interval does not pretend they are independent)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from datamodules.degradations import degrade
+from datamodules.images import centre_crop, load_rgb, to_tensor
+from pl_modules.bitstream import round_trip
+from pl_modules.finals import Final
+from pl_modules.judges import Judge
+from pl_modules.losses import psnr
+
+
+@torch.no_grad()
+def paired_preferences(final: Final, images: list[Path], tasks: list[str], seeds: int, judges: dict[str, Judge],
+                       crop: int) -> dict[str, np.ndarray]:
+    """Per judge, an images × (tasks · seeds) array of P(post-trained closer); also the PSNR of both."""
+    model = final.model
+    rows: dict[str, list[list[float]]] = {name: [] for name in [*judges, "psnr_post", "psnr_reference"]}
+    for index, path in enumerate(tqdm(images, desc=f"win rate {final.folder.parent.name}", unit="img")):
+        clean = centre_crop(load_rgb(path), crop)
+        target = to_tensor(clean).unsqueeze(0)
+        per_image: dict[str, list[float]] = {name: [] for name in rows}
+        for task in tasks:
+            _, decoded = round_trip(model.codec, to_tensor(degrade(clean, task, index)).unsqueeze(0), final.decoder_id)
+            for k in range(seeds):
+                seed = index * seeds + k
+                post, reference = model.restore(decoded, seed)[0], model.restore_reference(decoded, seed)
+                for name, judge in judges.items():
+                    per_image[name].append(judge.prefer(target, post, reference).item())
+                per_image["psnr_post"].append(psnr(post, target))
+                per_image["psnr_reference"].append(psnr(reference, target))
+        for name, values in per_image.items():
+            rows[name].append(values)
+    return {name: np.array(values) for name, values in rows.items()}
+
+
+def win_rate(prefs: np.ndarray, resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Mean preference with a 95 % bootstrap interval that resamples images (rows)."""
+    per_image = prefs.mean(axis=1)
+    picks = np.random.default_rng(seed).integers(0, len(per_image), size=(resamples, len(per_image)))
+    means = per_image[picks].mean(axis=1)
+    return {"win_rate": float(per_image.mean()), "win_rate_ci_low": float(np.percentile(means, 2.5)),
+            "win_rate_ci_high": float(np.percentile(means, 97.5)), "n_pairs": int(prefs.size),
+            "n_images": int(len(per_image))}

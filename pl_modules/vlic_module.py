@@ -1,0 +1,257 @@
+"""Stage 3, VLIC: post-training of a stage-2 diffusion decoder on 2AFC judgments. For one bitstream
+the decoder draws two reconstructions (two seeds); a frozen judge says which is closer to the clean
+original; Diffusion-DPO trains a LoRA adapter on (winner, loser) against the frozen reference, which
+is the stage-2 decoder itself (its trained weights folded into the base: ``adapters_disabled()``).
+The codec is frozen, so a stage-3 decoder reads exactly the bitstreams its parent's codec writes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from foundation.config import ModuleConfig, load_config
+from pl_modules import llicm_module
+from pl_modules.base import StageModule
+from pl_modules.bitstream import Sampler, decode_image, encode_image
+from pl_modules.codec_module import IN_MEMORY_ID
+from pl_modules.judges import JudgingConfig, build_combined, build_judge
+from pl_modules.llicm_module import LLICMModule
+from pl_modules.losses import diffusion_dpo_loss, psnr
+from pl_modules.schedules import OptimConfig, step_seed
+
+STAGE = "stage3-vlic"
+ADAPTER = "vlic"
+# Stage-2 methods whose decoder stage 3 post-trains: their module, by the stage their manifests carry.
+DECODERS: dict[str, type[StageModule]] = {llicm_module.STAGE: LLICMModule}
+LABELS = ("judge", "coin-flip")
+MODES = ("online", "offline")
+# Held-out pairs draw their seeds from (seed, item, this): a "rank" no training rank has.
+HELD_OUT_STREAM = 2**31
+# Diffusion-DPO's β by what the per-sample errors measure: 5000 is the published value for
+# ε-prediction (SD 1.5, SDXL, in the ½ form); 2000 was calibrated here for the tiny pixel prior's
+# x0 ('sample') prediction. Other types must be given explicitly.
+BETA_BY_PREDICTION = {"epsilon": 5000.0, "sample": 2000.0}
+
+
+@dataclass
+class AdapterConfig:
+    rank: int = 8
+    """LoRA rank."""
+    alpha: int = 8
+    """LoRA scale numerator (scale = alpha / rank)."""
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
+    """UNet module names that get the adapter; the resnets' convs too, since a tiny prior's attention
+    alone leaves a few thousand weights to train."""
+
+
+@dataclass
+class VLICConfig(ModuleConfig):
+    decoder_stage: str = ""
+    """The stage-2 method whose decoder is post-trained (filled from init_from's manifest)."""
+    decoder_params: dict[str, Any] = field(default_factory=dict)
+    """That decoder's own params (filled from init_from's manifest)."""
+    judging: JudgingConfig = field(default_factory=JudgingConfig)
+    """Whose 2AFC choices train the decoder, and how several judges combine."""
+    second_judge: str = "ms-ssim"
+    """An independent judge that also scores held-out win rates (the training judge alone proves little)."""
+    labels: str = "judge"
+    """judge, or coin-flip: the control run (same everything, labels drawn at random)."""
+    sft_weight: float = 0.0
+    """Weight of the supervised term on winners (their denoising error)."""
+    mode: str = "online"
+    """online: pairs drawn from the current decoder and judged during training; offline: judged pairs
+    read from data.train_shards (written once by `train.py preference-shards`)."""
+    beta: float = 0.0
+    """Diffusion-DPO β; 0: by the scheduler's prediction type (epsilon 5000, sample 2000)."""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """The LoRA adapter trained on the frozen stage-2 decoder."""
+    regenerate_every: int = 1
+    """Online pairs: draw and judge a new pair per batch item every this many steps (kept in checkpoints)."""
+    val_seeds: int = 2
+    """Sampling seeds per held-out image when validation measures the win rate over the reference."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+    """Adam for the adapter (the published and the code's learning rates disagree by orders of magnitude:
+    watch held-out implicit accuracy)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got '{self.mode}'")
+        if self.labels not in LABELS:
+            raise ValueError(f"labels must be one of {LABELS}, got '{self.labels}'")
+        if self.decoder_stage and self.decoder_stage not in DECODERS:
+            raise ValueError(f"decoder_stage '{self.decoder_stage}' is not a stage-2 decoder ({sorted(DECODERS)})")
+        if self.regenerate_every < 1 or self.val_seeds < 1 or self.adapter.rank < 1:
+            raise ValueError("regenerate_every, val_seeds and adapter.rank must be at least 1")
+
+
+class VLICModule(StageModule):
+    STAGE = STAGE
+    CONFIG = VLICConfig
+    VAL_METRICS = ("val/win_rate", "val/win_rate_second", "val/psnr", "val/psnr_reference", "val/bpp",
+                   "val/dpo/implicit_acc")
+    PROGRESS_KEY = "implicit_acc"
+
+    def __init__(self, cfg: VLICConfig):
+        super().__init__(cfg)
+        if cfg.decoder_stage not in DECODERS:
+            raise ValueError(f"stage 3 needs a stage-2 decoder ({sorted(DECODERS)}), got '{cfg.decoder_stage}'")
+        module = DECODERS[cfg.decoder_stage]
+        self.decoder = module(load_config(module.CONFIG, [cfg.decoder_params]))
+        self.decoder.requires_grad_(False)
+        self.judge = build_combined(cfg.judging)
+        self.second_judge = build_judge(cfg.second_judge)
+        prediction = self.decoder.prior.scheduler.config.prediction_type
+        self.beta = cfg.beta or BETA_BY_PREDICTION.get(prediction, 0.0)
+        if not self.beta:
+            raise ValueError(f"beta: no default for prediction type '{prediction}'; set it")
+        self.pairs: dict[str, torch.Tensor] = {}
+
+    @property
+    def codec(self):
+        return self.decoder.codec
+
+    @property
+    def prior(self):
+        return self.decoder.prior
+
+    def attach_decoder(self, folder: Path) -> None:
+        """Load the stage-2 decoder's files (from its final/, or from a stage-3 final/, which carries
+        them), fold them into the frozen reference, and add the adapter that trains."""
+        self.decoder.load_final_states(folder)
+        self.parent_states = {name: {k: v.clone() for k, v in state.items()}
+                              for name, state in self.decoder.final_states().items()}
+        adapter = self.cfg.adapter
+        self.prior.freeze_as_reference(ADAPTER, adapter.rank, adapter.alpha, list(adapter.targets))
+        self.codec.update(force=True)
+
+    def is_frozen_weight(self, key: str) -> bool:
+        return not (key.startswith("decoder.prior.unet.") and self.prior.is_trained(key[len("decoder.prior.unet."):]))
+
+    def parameter_groups(self):
+        return [{"params": self.prior.trainable_parameters()}], []
+
+    @torch.no_grad()
+    def decoded(self, degraded: torch.Tensor) -> torch.Tensor:
+        """What the decoder reads: each image through a real bitstream of the frozen codec."""
+        return torch.cat([decode_image(self.codec, encode_image(self.codec, x[None], IN_MEMORY_ID), IN_MEMORY_ID)
+                          for x in degraded])
+
+    @torch.no_grad()
+    def draw_pairs(self, batch: dict, base: int) -> dict[str, torch.Tensor]:
+        """Two reconstructions per item from the current decoder, judged against the clean image;
+        sampling seeds follow from ``base``."""
+        degraded, clean = batch["degraded"], batch["clean"]
+        decoded = self.decoded(degraded)
+        a, b = self.decoder.restore(decoded, base)[0], self.decoder.restore(decoded, base + 1)[0]
+        prefs = coin_flips(len(clean), base) if self.cfg.labels == "coin-flip" else self.judge.prefer(clean, a, b).float()
+        return {"decoded": decoded, "a": a, "b": b, "prefs": prefs.to(clean.device)}
+
+    def dpo_terms(self, pairs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        prefs = pairs["prefs"]
+        keep = torch.isfinite(prefs) & (prefs != 0.5)  # a tie or a failed judgment is no vote
+        a_wins = (prefs > 0.5).view(-1, 1, 1, 1)
+        winner = torch.where(a_wins, pairs["a"], pairs["b"])[keep]
+        loser = torch.where(a_wins, pairs["b"], pairs["a"])[keep]
+        decoded = pairs["decoded"][keep]
+        if not len(winner):
+            zero = sum(p.sum() for p in self.prior.trainable_parameters()) * 0.0
+            return {"loss": zero, "dpo": zero.detach(), "implicit_acc": zero.detach(), "reward_margin": zero.detach(),
+                    "model_ref_mse": zero.detach(), "pairs_kept": zero.detach()}
+        with torch.no_grad():
+            _, tokens = self.decoder.controller(self.decoder.clip(decoded))
+            condition = self.prior.encode(decoded)
+            x_w, x_l = self.prior.encode(winner), self.prior.encode(loser)
+        noise = torch.randn_like(x_w)  # one noise and one timestep for winner, loser, model and reference
+        timesteps = torch.randint(0, self.prior.scheduler.config.num_train_timesteps, (len(x_w),), device=x_w.device)
+        with torch.no_grad(), self.prior.adapters_disabled():
+            ref_w = self.prior.diffusion_loss(x_w, condition, tokens, noise, timesteps)
+            ref_l = self.prior.diffusion_loss(x_l, condition, tokens, noise, timesteps)
+        model_w = self.prior.diffusion_loss(x_w, condition, tokens, noise, timesteps)
+        model_l = self.prior.diffusion_loss(x_l, condition, tokens, noise, timesteps)
+        terms = diffusion_dpo_loss(model_w, model_l, ref_w, ref_l, self.beta, self.cfg.sft_weight)
+        terms["pairs_kept"] = keep.float().mean()
+        return terms
+
+    def offline_pairs(self, batch: dict) -> dict[str, torch.Tensor]:
+        if "prefs" not in batch:
+            raise ValueError("mode=offline reads judged pairs: point data.train_shards at `train.py preference-shards` output")
+        prefs = batch["prefs"]
+        if self.cfg.labels == "coin-flip":
+            prefs = coin_flips(len(prefs), step_seed(self.cfg.trainer.seed, self.global_step, self.global_rank))
+        return {"decoded": batch["decoded"], "a": batch["a"], "b": batch["b"], "prefs": prefs.to(batch["a"].device)}
+
+    def losses(self, batch: dict):
+        if self.cfg.mode == "offline":
+            self.pairs = self.offline_pairs(batch)
+        elif not self.pairs or self.global_step % self.cfg.regenerate_every == 0:
+            # A function of (seed, step, rank): a resumed run draws and judges the same pairs.
+            self.pairs = self.draw_pairs(batch, step_seed(self.cfg.trainer.seed, self.global_step, self.global_rank))
+        terms = self.dpo_terms(self.pairs)
+        # Unsure, failed or disagreeing judgments are no votes: how many, and how often judges agreed.
+        terms["judge_no_vote"] = (~torch.isfinite(self.pairs["prefs"])).float().sum()
+        terms["judge_failures"] = torch.tensor(float(getattr(self.judge, "failures", 0)))
+        terms["judge_agreement"] = torch.tensor(getattr(self.judge, "agreement", 1.0))
+        return terms, torch.zeros((), device=terms["loss"].device)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Held-out: the win rate of the post-trained decoder over the reference (the stage-2
+        decoder) on the same bits and seeds, by both judges; ties count ½."""
+        degraded, clean, item = batch["degraded"], batch["clean"], int(batch["seed"])
+        stream = encode_image(self.codec, degraded, IN_MEMORY_ID)
+        decoded = decode_image(self.codec, stream, IN_MEMORY_ID)
+        for k in range(self.cfg.val_seeds):
+            seed = item * self.cfg.val_seeds + k
+            post, reference = self.restore(decoded, seed)[0], self.restore_reference(decoded, seed)
+            values = {"val/win_rate": self.judge.prefer(clean, post, reference).item(),
+                      "val/win_rate_second": self.second_judge.prefer(clean, post, reference).item(),
+                      "val/psnr": psnr(post, clean), "val/psnr_reference": psnr(reference, clean),
+                      "val/bpp": stream.bits_per_pixel()}
+            self.val_means.add({k: v for k, v in values.items() if math.isfinite(v)})  # no vote is no count
+        torch.manual_seed(item)  # the held-out pair, its noise and timestep: the same at every validation
+        pairs = self.draw_pairs({"degraded": degraded, "clean": clean}, base=step_seed(self.cfg.trainer.seed, item, HELD_OUT_STREAM))
+        with torch.no_grad():
+            terms = self.dpo_terms(pairs)
+        if terms["pairs_kept"] > 0:
+            self.val_means.add({"val/dpo/implicit_acc": terms["implicit_acc"].item()})
+
+    @torch.no_grad()
+    def restore(self, decoded: torch.Tensor, seed: int, steps: int | None = None):
+        """The post-trained decoder's restoration (the adapter on), as the stage-2 decoder's restore."""
+        return self.decoder.restore(decoded, seed, steps)
+
+    @torch.no_grad()
+    def restore_reference(self, decoded: torch.Tensor, seed: int) -> torch.Tensor:
+        """The stage-2 decoder's restoration of the same bits with the same seed."""
+        with self.prior.adapters_disabled():
+            return self.decoder.restore(decoded, seed)[0]
+
+    def sampler_settings(self, seed: int) -> Sampler:
+        return self.decoder.sampler_settings(seed)
+
+    def reconstruct(self, decoded: torch.Tensor, sampler: Sampler | None) -> torch.Tensor:
+        return self.decoder.reconstruct(decoded, sampler)
+
+    def final_states(self):
+        """Self-contained: the stage-2 decoder's files as they were, and the adapter."""
+        return {**self.parent_states, **self.prior.trained_state()}
+
+    def load_final_states(self, folder: Path) -> None:
+        self.attach_decoder(folder)
+        self.prior.load_trained(folder)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["vlic_pairs"] = {k: v.cpu() for k, v in self.pairs.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.pairs = {k: v.to(self.device) for k, v in checkpoint.get("vlic_pairs", {}).items()}
+
+
+def coin_flips(count: int, seed: int) -> torch.Tensor:
+    """The control run's labels: 1 or 0 (a or b wins) at random, reproducibly from ``seed``."""
+    return torch.randint(0, 2, (count,), generator=torch.Generator().manual_seed(seed)).float()

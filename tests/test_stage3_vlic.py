@@ -1,0 +1,216 @@
+"""Stage 3 (VLIC) on tiny random models: Diffusion-DPO of an LL-ICM decoder against itself frozen."""
+import hashlib
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.images import list_images, load_rgb, to_tensor, to_uint8
+from datamodules.shards import read_index
+from datamodules.stream import CropStream
+from evaluation.evaluate import EvaluateConfig, run as evaluate
+from foundation.config import ConfigError, load_config
+from foundation.manifest import read_manifest
+from pl_modules.bitstream import decode_image, encode_image
+from pl_modules.finals import load_final
+from pl_modules.vlic_module import VLICModule
+from stages import stage3_vlic
+from stages.stage2_llicm import Stage2LLICMConfig
+from stages.stage2_llicm import run as run_stage2
+from stages.stage3_vlic import Stage3VLICConfig
+from test_stage2_llicm import models, pair_shards, stage2_overrides  # noqa: F401 (fixtures)
+
+
+def stage3_overrides(pair_shards, eval_dir, parent):
+    return [f"init_from={parent}", f"data.train_shards={pair_shards}", f"data.val_dir={eval_dir}",
+            "data.val_tasks=[denoise,dehaze]", "data.crop=64", "data.val_crop=64", "data.batch_size=2",
+            "data.num_workers=0", "data.val_max_images=1", "adapter.rank=4", "adapter.alpha=4", "optim.lr=1e-3",
+            "trainer.max_steps=6", "trainer.val_every=6", "trainer.checkpoint_every=3", "trainer.log_every=2",
+            "trainer.progress_bar=false", "trainer.accelerator=cpu", "trainer.devices=1", "val_seeds=1",
+            "second_judge=gmsd"]  # 64-px crops are below MS-SSIM's minimum side
+
+
+@pytest.fixture(scope="module")
+def parent(models, pair_shards, eval_dir, trained_run, tmp_path_factory):  # noqa: F811
+    """A tiny LL-ICM final (tiny-sd prior with LoRA and conv_in, tiny CLIP) from the shared stage 1."""
+    cfg = load_config(Stage2LLICMConfig, overrides=[*stage2_overrides(models, pair_shards, eval_dir),
+                                                    f"init_from={trained_run[1]}",
+                                                    f"output_root={tmp_path_factory.mktemp('s2')}"])
+    return run_stage2(cfg)
+
+
+@pytest.fixture(scope="module")
+def stage3_final(parent, pair_shards, eval_dir, tmp_path_factory):  # noqa: F811
+    cfg = load_config(Stage3VLICConfig, overrides=[*stage3_overrides(pair_shards, eval_dir, parent),
+                                                   f"output_root={tmp_path_factory.mktemp('s3')}"])
+    return cfg, stage3_vlic.run(cfg)
+
+
+def module_from(parent, **changes):
+    manifest = read_manifest(parent)
+    cfg = load_config(VLICModule.CONFIG, [{"decoder_stage": manifest.stage, "decoder_params": manifest.params,
+                                           "adapter": {"rank": 4, "alpha": 4}, **changes}])
+    module = VLICModule(cfg)
+    module.attach_decoder(parent)
+    return module
+
+
+@pytest.mark.stage
+def test_stage3_needs_a_stage2_parent(trained_run, pair_shards, eval_dir, tmp_path):  # noqa: F811
+    with pytest.raises(ConfigError, match="init_from must name a stage-2 final"):
+        load_config(Stage3VLICConfig, overrides=[f"data.train_shards={pair_shards}", f"data.val_dir={eval_dir}"])
+    cfg = load_config(Stage3VLICConfig, overrides=[*stage3_overrides(pair_shards, eval_dir, trained_run[1]),
+                                                   f"output_root={tmp_path}"])
+    with pytest.raises(ConfigError, match="written by stage1; stage 3 post-trains a stage-2 decoder"):
+        stage3_vlic.run(cfg)
+
+
+@pytest.mark.stage
+def test_the_reference_is_the_stage2_decoder_and_dpo_learns_the_judges_choices(parent, pair_shards):  # noqa: F811
+    stage2 = load_final(parent).model
+    module = module_from(parent)
+    batch = next(iter(CropStream(read_index(pair_shards), 64, 6, seed=0)))
+    decoded = module.decoded(batch["degraded"])
+    with module.prior.adapters_disabled():
+        reference = module.restore(decoded[:1], seed=3)[0]
+    assert torch.allclose(reference, stage2.restore(decoded[:1], seed=3)[0], atol=1e-4)
+    frozen = {k: v.clone() for k, v in module.state_dict().items() if module.is_frozen_weight(k)}
+    assert any(k.startswith("decoder.codec.") for k in frozen) and any(k.startswith("decoder.clip.") for k in frozen)
+
+    def train(labels: str, steps: int = 12) -> tuple[list[float], float]:
+        torch.manual_seed(0)
+        learner = module_from(parent, labels=labels)
+        pairs = learner.draw_pairs(batch, base=11)
+        judged = module.judge.prefer(batch["clean"], pairs["a"], pairs["b"])
+        optimizer = torch.optim.Adam(learner.prior.trainable_parameters(), lr=3e-3)
+        losses = []
+        for _ in range(steps):
+            torch.manual_seed(1)  # the same noise and timesteps every step: a fixed objective
+            terms = learner.dpo_terms(pairs)
+            optimizer.zero_grad()
+            terms["loss"].backward()
+            optimizer.step()
+            losses.append(terms["dpo"].item())
+        # Agreement with the judge: the model's implicit preference on the judge's own labels.
+        torch.manual_seed(1)
+        with torch.no_grad():
+            scored = learner.dpo_terms({**pairs, "prefs": judged})
+        return losses, scored["implicit_acc"].item()
+
+    real, real_agreement = train("judge")
+    assert real[0] == pytest.approx(math.log(2), abs=1e-3)  # the adapter starts at zero: model = reference
+    assert real[-1] < 0.5 * real[0]
+    coin, coin_agreement = train("coin-flip")
+    assert real_agreement == 1.0 and coin_agreement < 1.0  # the labels, not the loop, carry the judge's choice
+    for key, value in module.state_dict().items():
+        if key in frozen:
+            assert torch.equal(value, frozen[key]), key
+
+
+@pytest.mark.chain
+def test_a_stage3_final_decodes_its_parents_bitstreams_and_works_with_the_codec_commands(
+        stage3_final, parent, eval_dir, tmp_path):  # noqa: F811
+    cfg, final = stage3_final
+    manifest, parent_manifest = read_manifest(final, expect_stage="stage3-vlic"), read_manifest(parent)
+    assert manifest.weights["codec.safetensors"] == parent_manifest.weights["codec.safetensors"]  # frozen codec
+    assert set(manifest.weights) == set(parent_manifest.weights) | {"unet_lora_vlic.safetensors"}
+    assert manifest.params["decoder_stage"] == "stage2-llicm" and manifest.codec == parent_manifest.codec
+    for key in ("val/win_rate", "val/win_rate_second", "val/psnr", "val/psnr_reference", "val/dpo/implicit_acc"):
+        assert key in manifest.metrics, key
+    assert 0 <= manifest.metrics["val/win_rate"] <= 1
+    post, before = load_final(final), load_final(parent)
+    assert post.decoder_id != before.decoder_id
+    x = to_tensor(load_rgb(list_images(eval_dir)[0])).unsqueeze(0)[..., :64, :96]
+    stream = encode_image(before.codec, x, "00" * 32)
+    assert torch.equal(decode_image(post.codec, stream, "00" * 32), decode_image(before.codec, stream, "00" * 32))
+    from train import main
+
+    image = tmp_path / "crop.png"
+    Image.fromarray(to_uint8(x)).save(image)
+    assert main(["compress", str(image), "-m", str(final), "-o", str(tmp_path / "p.bin"), "--seed", "5"]) == 0
+    assert main(["decompress", str(tmp_path / "p.bin"), "-o", str(tmp_path / "p.png"), "-m", str(final)]) == 0
+    decoded = decode_image(post.codec, encode_image(post.codec, x, post.decoder_id), post.decoder_id)
+    expected = to_uint8(post.model.restore(decoded, 5)[0])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "p.png")), expected)
+    results = evaluate(EvaluateConfig(images=str(eval_dir), classical=[], metrics=["psnr"], tasks=["denoise"],
+                                      post_trained=[f"vlic={final}"], restorers=[f"vlic={final}"], max_images=2,
+                                      restore_crop=64, win_seeds=2, fid_kid=False, out_dir=str(tmp_path / "eval")))
+    rates = results["win_rates"]["vlic"]["judges"]
+    assert set(rates) == {"psnr", "ms-ssim"} and rates["psnr"]["n_pairs"] == 4 and rates["psnr"]["n_images"] == 2
+    assert rates["psnr"]["win_rate_ci_low"] <= rates["psnr"]["win_rate"] <= rates["psnr"]["win_rate_ci_high"]
+    assert (tmp_path / "eval" / "win_rates.json").is_file() and "vlic-denoise" in results
+
+
+@pytest.mark.fault
+def test_stage3_resumes_to_the_adapter_of_an_uninterrupted_run(stage3_final, parent, pair_shards, eval_dir,
+                                                               tmp_path):  # noqa: F811
+    from stages import trainer as trainer_module
+    from test_stage1 import CrashAt
+
+    cfg = load_config(Stage3VLICConfig, overrides=[*stage3_overrides(pair_shards, eval_dir, parent),
+                                                   f"output_root={tmp_path}"])
+    with trainer_module.extra_callbacks(CrashAt(4)), pytest.raises(RuntimeError, match="simulated crash"):
+        stage3_vlic.run(cfg)
+    resumed = stage3_vlic.run(cfg)
+    digest = lambda folder: hashlib.sha256((folder / "unet_lora_vlic.safetensors").read_bytes()).hexdigest()  # noqa: E731
+    assert digest(resumed) == digest(stage3_final[1])
+
+
+@pytest.mark.chain
+def test_offline_mode_trains_on_pairs_a_vlm_judged_once_into_shards(parent, pair_shards, eval_dir, tmp_path,
+                                                                     monkeypatch):  # noqa: F811
+    import json
+
+    from foundation.config import load_config as load
+    from pl_modules.tiny_models import save_tiny_vlm
+    from stages import preference_data
+    from stages.preference_data import PreferenceShardsConfig
+
+    monkeypatch.setenv("DIFFCODEC_CACHE", str(tmp_path / "cache"))
+    vlm = save_tiny_vlm(tmp_path / "vlm")
+    out = tmp_path / "preferences"
+    summary = preference_data.run(load(PreferenceShardsConfig, overrides=[
+        f"decoder={parent}", f"pairs={pair_shards}", f"out_dir={out}", f"judging.judge=vlm:{vlm}", "samples=6",
+        "batch_size=3", "samples_per_shard=4"]))
+    assert summary.written == 6 and len(summary.shards) == 2
+    index = json.loads((out / "index.json").read_text())
+    assert index["judge"] == f"vlm:{vlm}" and index["decoder"] == load_final(parent).decoder_id
+    batch = next(iter(CropStream(read_index(out), 64, 3, seed=0)))
+    assert set(batch) >= {"clean", "decoded", "a", "b", "prefs"} and batch["a"].shape == (3, 3, 64, 64)
+    assert ((batch["prefs"] > 0) & (batch["prefs"] < 1)).all()  # the tiny VLM's averaged probabilities
+    cfg = load_config(Stage3VLICConfig, overrides=[*stage3_overrides(pair_shards, eval_dir, parent), "mode=offline",
+                                                   f"data.train_shards={out}", f"output_root={tmp_path / 'runs'}",
+                                                   "trainer.max_steps=3", "trainer.val_every=3"])
+    final = stage3_vlic.run(cfg)
+    assert read_manifest(final).params["mode"] == "offline"
+    module = load_final(final).model
+    adapter = [p for n, p in module.prior.unet.named_parameters() if "lora_B" in n and ".vlic." in n]
+    assert any(p.abs().sum() > 0 for p in adapter)  # the adapter moved off its zero start
+
+
+@pytest.mark.fault
+def test_two_process_ddp_post_trains_the_adapter_alone(parent, pair_shards, eval_dir, tmp_path):  # noqa: F811
+    """Under DDP only the adapter is trained (DDP fails on the second step if a trained weight gets
+    no gradient); each rank draws its own pairs from (seed, step, rank); rank 0 hands over."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from test_distributed import free_port
+
+    command = [sys.executable, str(ROOT / "train.py"), "stage3-vlic", *stage3_overrides(pair_shards, eval_dir, parent),
+               f"output_root={tmp_path}", "trainer.max_steps=4", "trainer.val_every=4", "trainer.checkpoint_every=2",
+               "trainer.strategy=ddp", "trainer.devices=2"]
+    command.remove("trainer.devices=1")
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stage_dir = tmp_path / "default" / "stage3-vlic"
+    manifest = read_manifest(stage_dir / "final", expect_stage="stage3-vlic")
+    assert 0 <= manifest.metrics["val/win_rate"] <= 1
+    checkpoint = torch.load(stage_dir / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 4
+    assert checkpoint["state_dict"] and all(".vlic." in key for key in checkpoint["state_dict"])
