@@ -49,6 +49,10 @@ class Sampler:
     seed: int
     guidance: float = 1.0
 
+    def __post_init__(self) -> None:
+        if not (1 <= self.steps < 2**16 and 0 <= self.seed < 2**63):
+            raise BitstreamError(f"sampler steps must be in 1..65535 and seed in 0..2^63-1, got {self.steps}, {self.seed}")
+
 
 @dataclass
 class Bitstream:
@@ -202,6 +206,9 @@ def check_geometry(model, stream: Bitstream) -> None:
     forged header cannot make the decoder allocate more than the image it claims."""
     if stream.codec and stream.codec != model.architecture:
         raise BitstreamError(f"bitstream holds a {stream.codec} codec's latents, this model is {model.architecture}")
+    if len(stream.strings) != model.string_groups or any(len(group) != 1 for group in stream.strings):
+        raise BitstreamError(f"bitstream holds {[len(g) for g in stream.strings]} strings per entropy model; this "
+                             f"codec codes one image as {model.string_groups} groups of one")
     pad = V1_PAD_MULTIPLE if stream.version == 1 else model.pad_multiple
     expected = tuple(math.ceil(side / pad) * pad // model.latent_stride for side in (stream.height, stream.width))
     if tuple(stream.latent_shape) != expected:
@@ -227,6 +234,8 @@ def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
 
 
 def _varint(value: int) -> bytes:
+    if value < 0:
+        raise BitstreamError(f"cannot write a negative number ({value}) into a bitstream")
     out = bytearray()
     while True:
         byte, value = value & 0x7F, value >> 7

@@ -29,21 +29,24 @@ class Architecture:
     latent_stride: int = 64
     """Downsampling of the latent whose shape the bitstream carries (z for hyperpriors, y otherwise)."""
     in_channels: int = 3
+    string_groups: int = 2
+    """Entropy models whose strings a bitstream carries (y and z for hyperpriors, y alone otherwise)."""
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
 
 
-def register(name: str, pad_multiple: int = 64, latent_stride: int = 64, in_channels: int = 3):
+def register(name: str, pad_multiple: int = 64, latent_stride: int = 64, in_channels: int = 3,
+             string_groups: int = 2):
     def add(builder: Callable[[int, int], CompressionModel]):
         if name in ARCHITECTURES:
             raise KeyError(f"codec architecture '{name}' is already registered")
-        ARCHITECTURES[name] = Architecture(builder, pad_multiple, latent_stride, in_channels)
+        ARCHITECTURES[name] = Architecture(builder, pad_multiple, latent_stride, in_channels, string_groups)
         return builder
     return add
 
 
-register("bmshj2018-factorized", pad_multiple=16, latent_stride=16)(lambda N, M: FactorizedPrior(N, M))
+register("bmshj2018-factorized", pad_multiple=16, latent_stride=16, string_groups=1)(lambda N, M: FactorizedPrior(N, M))
 register("bmshj2018-hyperprior")(lambda N, M: ScaleHyperprior(N, M))
 register("mbt2018-mean")(lambda N, M: MeanScaleHyperprior(N, M))
 register("mbt2018")(lambda N, M: JointAutoregressiveHierarchicalPriors(N, M))
@@ -75,6 +78,7 @@ def build_codec(architecture: str, N: int, M: int) -> CompressionModel:
     codec = spec.build(N, M)
     codec.architecture, codec.pad_multiple = architecture, spec.pad_multiple
     codec.latent_stride, codec.in_channels = spec.latent_stride, spec.in_channels
+    codec.string_groups = spec.string_groups
     return codec
 
 

@@ -125,12 +125,16 @@ class DiffusionPrior(nn.Module):
         disabled the UNet is then exactly the decoder it was, so post-training (stage 3's
         Diffusion-DPO) has its frozen reference without a second copy in memory; it also gives LoRA
         to a UNet whose base was trained whole (the tiny pixel prior)."""
+        frozen_dtype = torch.bfloat16 if self.cfg.frozen_dtype == "bfloat16" else torch.float32
+        self.unet.float()  # fused in float32: a LoRA delta under bf16's step would round away
         if self.cfg.lora_rank:
             self.unet.fuse_lora(lora_scale=1.0)
             self.unet.unload_lora()
-        self.unet.requires_grad_(False)
+        self.unet.requires_grad_(False).to(frozen_dtype)
         self.reference_adapter = adapter
         self._add_lora(rank, alpha, targets, name=adapter)
+        for param in self.trainable_parameters():
+            param.data = param.data.float()  # peft casts a new adapter to its base layer's dtype
 
     @contextmanager
     def adapters_disabled(self) -> Iterator[None]:

@@ -76,6 +76,7 @@ class MetricJudge:
         self.name = metric
 
     def prefer(self, reference: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        reference, a, b = reference.cpu().float(), a.cpu().float(), b.cpu().float()  # the metric's models live on the CPU
         votes = [decide(self.metric.compute(a[i: i + 1], reference[i: i + 1]),
                         self.metric.compute(b[i: i + 1], reference[i: i + 1]), self.metric.lower_is_better)
                  for i in range(len(reference))]
@@ -90,7 +91,7 @@ class ClipJudge:
         self.name = f"clip:{name_or_path}"
 
     def prefer(self, reference: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        ref, ea, eb = self.clip.embed(reference), self.clip.embed(a), self.clip.embed(b)
+        ref, ea, eb = (self.clip.embed(x.cpu().float()) for x in (reference, a, b))  # CLIP lives on the CPU
         return torch.tensor([decide(sa, sb, lower_is_better=False)
                              for sa, sb in zip((ref * ea).sum(-1).tolist(), (ref * eb).sum(-1).tolist())])
 
@@ -114,6 +115,11 @@ class CombinedJudge:
         self.weights = torch.tensor(weights or [1.0] * len(judges))
         self.name = f"{combine}({', '.join(j.name for j in judges)})"
         self.agreement = float("nan")
+
+    @property
+    def failures(self) -> int:
+        """Failed judgments of the judges that count them (served VLMs)."""
+        return sum(getattr(judge, "failures", 0) for judge in self.judges)
 
     def prefer(self, reference: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         votes = torch.stack([judge.prefer(reference, a, b).float() for judge in self.judges])  # judges × batch

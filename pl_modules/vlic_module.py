@@ -6,6 +6,7 @@ The codec is frozen, so a stage-3 decoder reads exactly the bitstreams its paren
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,13 +103,20 @@ class VLICModule(StageModule):
         module = DECODERS[cfg.decoder_stage]
         self.decoder = module(load_config(module.CONFIG, [cfg.decoder_params]))
         self.decoder.requires_grad_(False)
-        self.judge = build_combined(cfg.judging)
-        self.second_judge = build_judge(cfg.second_judge)
         prediction = self.decoder.prior.scheduler.config.prediction_type
         self.beta = cfg.beta or BETA_BY_PREDICTION.get(prediction, 0.0)
         if not self.beta:
             raise ValueError(f"beta: no default for prediction type '{prediction}'; set it")
         self.pairs: dict[str, torch.Tensor] = {}
+
+    @functools.cached_property
+    def judge(self):
+        """Built when first judged: loading a final/ to decode never loads a VLM."""
+        return build_combined(self.cfg.judging)
+
+    @functools.cached_property
+    def second_judge(self):
+        return build_judge(self.cfg.second_judge)
 
     @property
     def codec(self):
@@ -141,13 +149,16 @@ class VLICModule(StageModule):
                           for x in degraded])
 
     @torch.no_grad()
-    def draw_pairs(self, batch: dict, base: int) -> dict[str, torch.Tensor]:
-        """Two reconstructions per item from the current decoder, judged against the clean image;
-        sampling seeds follow from ``base``."""
+    def draw_pairs(self, batch: dict, base: int, labels: str) -> dict[str, torch.Tensor]:
+        """Two reconstructions per item from the current decoder, labelled by the judge against the
+        clean image (or by coin flips); sampling seeds follow from ``base``."""
         degraded, clean = batch["degraded"], batch["clean"]
         decoded = self.decoded(degraded)
-        a, b = self.decoder.restore(decoded, base)[0], self.decoder.restore(decoded, base + 1)[0]
-        prefs = coin_flips(len(clean), base) if self.cfg.labels == "coin-flip" else self.judge.prefer(clean, a, b).float()
+        # base + 1 and + 2: the global generator, reseeded with base itself, draws the DPO noise,
+        # which must not be the noise a reconstruction started from.
+        a, b = self.decoder.restore(decoded, base + 1)[0], self.decoder.restore(decoded, base + 2)[0]
+        judged = labels == "judge"
+        prefs = self.judge.prefer(clean, a, b).float() if judged else coin_flips(len(clean), base)
         return {"decoded": decoded, "a": a, "b": b, "prefs": prefs.to(clean.device)}
 
     def dpo_terms(self, pairs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -189,10 +200,12 @@ class VLICModule(StageModule):
             self.pairs = self.offline_pairs(batch)
         elif not self.pairs or self.global_step % self.cfg.regenerate_every == 0:
             # A function of (seed, step, rank): a resumed run draws and judges the same pairs.
-            self.pairs = self.draw_pairs(batch, step_seed(self.cfg.trainer.seed, self.global_step, self.global_rank))
-        terms = self.dpo_terms(self.pairs)
+            self.pairs = self.draw_pairs(batch, step_seed(self.cfg.trainer.seed, self.global_step, self.global_rank),
+                                         self.cfg.labels)
+        terms = self.dpo_terms({k: v.to(self.device) for k, v in self.pairs.items()})
         # Unsure, failed or disagreeing judgments are no votes: how many, and how often judges agreed.
-        terms["judge_no_vote"] = (~torch.isfinite(self.pairs["prefs"])).float().sum()
+        prefs = self.pairs["prefs"]
+        terms["judge_no_vote"] = (~torch.isfinite(prefs) | (prefs == 0.5)).float().sum()
         terms["judge_failures"] = torch.tensor(float(getattr(self.judge, "failures", 0)))
         terms["judge_agreement"] = torch.tensor(getattr(self.judge, "agreement", 1.0))
         return terms, torch.zeros((), device=terms["loss"].device)
@@ -212,7 +225,9 @@ class VLICModule(StageModule):
                       "val/bpp": stream.bits_per_pixel()}
             self.val_means.add({k: v for k, v in values.items() if math.isfinite(v)})  # no vote is no count
         torch.manual_seed(item)  # the held-out pair, its noise and timestep: the same at every validation
-        pairs = self.draw_pairs({"degraded": degraded, "clean": clean}, base=step_seed(self.cfg.trainer.seed, item, HELD_OUT_STREAM))
+        # Judged by the judge in every arm (the control too): held-out accuracy measures agreement with it.
+        pairs = self.draw_pairs({"degraded": degraded, "clean": clean},
+                                step_seed(self.cfg.trainer.seed, item, HELD_OUT_STREAM), "judge")
         with torch.no_grad():
             terms = self.dpo_terms(pairs)
         if terms["pairs_kept"] > 0:
@@ -249,7 +264,7 @@ class VLICModule(StageModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        self.pairs = {k: v.to(self.device) for k, v in checkpoint.get("vlic_pairs", {}).items()}
+        self.pairs = dict(checkpoint.get("vlic_pairs", {}))  # moved to the model's device when used
 
 
 def coin_flips(count: int, seed: int) -> torch.Tensor:

@@ -87,6 +87,7 @@ class LocalVLMJudge:
         return out
 
     def prefer(self, reference: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        reference, a, b = reference.cpu().float(), a.cpu().float(), b.cpu().float()  # the VLM lives on the CPU
         results: list[float | None] = []
         pending = []
         for i in range(len(reference)):

@@ -87,9 +87,19 @@ def test_an_unknown_section_is_refused_unless_marked_optional():
     assert stream.unknown_optional == ["future"] and stream.strings == sample_stream().strings
 
 
-def forged(height: int, width: int, latent_shape: tuple[int, int], codec: str = "bmshj2018-hyperprior") -> bytes:
+def forged(height: int, width: int, latent_shape: tuple[int, int], codec: str = "bmshj2018-hyperprior",
+           strings: list[list[bytes]] | None = None) -> bytes:
     """A header that lies, with a valid CRC."""
-    return pack(sample_stream(height=height, width=width, latent_shape=latent_shape, codec=codec))
+    return pack(sample_stream(height=height, width=width, latent_shape=latent_shape, codec=codec,
+                              **({"strings": strings} if strings is not None else {})))
+
+
+def test_more_strings_than_the_codec_codes_are_refused_and_so_is_a_negative_seed():
+    codec = build_codec("bmshj2018-hyperprior", 16, 24)
+    with pytest.raises(BitstreamError, match=r"holds \[1000000, 1\] strings per entropy model"):
+        check_geometry(codec, unpack(forged(512, 768, (8, 12), strings=[[b""] * 1_000_000, [b"z"]])))
+    with pytest.raises(BitstreamError, match="seed in 0..2"):
+        Sampler(steps=4, seed=-1)
 
 
 def test_an_image_larger_than_max_pixels_is_refused_before_any_decoding():
@@ -106,7 +116,7 @@ def test_a_latent_shape_that_does_not_fit_the_image_and_codec_is_refused():
     with pytest.raises(BitstreamError, match=r"latent shape \(30000, 30000\) does not fit a 768x512 image"):
         check_geometry(codec, unpack(forged(512, 768, (30000, 30000))))
     factorized = build_codec("bmshj2018-factorized", 16, 24)  # pads to 16, codes y at 1/16
-    check_geometry(factorized, unpack(forged(500, 700, (32, 44), codec="bmshj2018-factorized")))
+    check_geometry(factorized, unpack(forged(500, 700, (32, 44), codec="bmshj2018-factorized", strings=[[b"y"]])))
     with pytest.raises(BitstreamError, match="holds a bmshj2018-hyperprior codec's latents"):
         check_geometry(factorized, unpack(forged(500, 700, (32, 44))))
 

@@ -280,3 +280,13 @@ def test_the_frozen_text_encoder_gives_prompt_tokens_for_cross_attention(tiny_fo
     noisy = torch.randn_like(condition)
     with torch.no_grad():
         assert model.denoise(noisy, t, condition, tokens).shape == noisy.shape
+
+
+def test_freezing_a_bf16_prior_fuses_in_float32_and_trains_a_float32_adapter(tiny_folder):
+    model = prior(tiny_folder, gradient_checkpointing=False, frozen_dtype="bfloat16")
+    perturb(model)
+    model.freeze_as_reference("stage3", rank=4, alpha=4, targets=["to_q", "to_v"])
+    trained = model.trainable_parameters()
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    frozen = [p for n, p in model.unet.named_parameters() if not model.is_trained(n)]
+    assert all(p.dtype == torch.bfloat16 for p in frozen)

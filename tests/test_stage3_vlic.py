@@ -82,7 +82,7 @@ def test_the_reference_is_the_stage2_decoder_and_dpo_learns_the_judges_choices(p
     def train(labels: str, steps: int = 12) -> tuple[list[float], float]:
         torch.manual_seed(0)
         learner = module_from(parent, labels=labels)
-        pairs = learner.draw_pairs(batch, base=11)
+        pairs = learner.draw_pairs(batch, 11, labels)
         judged = module.judge.prefer(batch["clean"], pairs["a"], pairs["b"])
         optimizer = torch.optim.Adam(learner.prior.trainable_parameters(), lr=3e-3)
         losses = []
