@@ -146,10 +146,11 @@ def learned_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]) ->
     for model in cfg.models:
         final = load_final(model, need_codec=True)
         codec, sha = final.codec, final.decoder_id
-        for path in tqdm(images, desc=f"{cfg.models_name} λ={final.setting}", unit="img"):
+        setting = final.setting  # read up the parent chain once, not per image
+        for path in tqdm(images, desc=f"{cfg.models_name} λ={setting}", unit="img"):
             x = to_tensor(load_rgb(path)).unsqueeze(0)
             data, decoded = round_trip(codec, x, sha)
-            rows.append({"method": cfg.models_name, "setting": final.setting, "image": path.name,
+            rows.append({"method": cfg.models_name, "setting": setting, "image": path.name,
                          "bpp": 8 * len(data) / (x.shape[-2] * x.shape[-1]),
                          **measure_all(metrics, decoded, x)})
     return rows
@@ -177,7 +178,8 @@ def restoration_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]
         if not hasattr(final.model, "restore"):
             raise ValueError(f"restorer '{name}': a {final.manifest.stage} model does not restore images")
         model, sha = final.model, final.decoder_id
-        for seed, path in enumerate(tqdm(images, desc=f"{name} λ={final.setting}", unit="img")):
+        setting = final.setting
+        for seed, path in enumerate(tqdm(images, desc=f"{name} λ={setting}", unit="img")):
             clean = centre_crop(load_rgb(path), cfg.restore_crop)
             height, width = clean.shape[:2]
             for task in cfg.tasks:
@@ -188,7 +190,7 @@ def restoration_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]
                 # FID/KID against the crop that was restored, not the whole original.
                 reference = {"_inception_ref": distribution.inception_features(target)} if _WORKER["fid"] else {}
                 for method, image in ((f"{name}-{task}", restored), (f"{name}-{task}-decoded", decoded)):
-                    rows.append({"method": method, "setting": final.setting, "image": path.name, **reference,
+                    rows.append({"method": method, "setting": setting, "image": path.name, **reference,
                                  "bpp": 8 * len(data) / (height * width), **measure_all(metrics, image, target)})
     return rows
 

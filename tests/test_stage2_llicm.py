@@ -4,8 +4,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import SHARED, tiny_overrides
-from datamodules.shards import read_index, write_pair_shards
+from conftest import SHARED, stage2_overrides, tiny_overrides
+from datamodules.shards import read_index
 from datamodules.stream import CropStream
 from evaluation.evaluate import EvaluateConfig, run
 from foundation.config import ConfigError, load_config
@@ -14,36 +14,9 @@ from pl_modules.diffusion_prior import CONV_IN_FILE, LORA_FILE, DiffusionPrior
 from pl_modules.llicm_module import LLICMModule
 from pl_modules.llicm_module import CONTROLLER_FILE
 from pl_modules.metrics import availability
-from pl_modules.tiny_models import save_tiny_clip, save_tiny_diffusion
 from stages import pipeline
 from stages.pipeline import PipelineConfig
 from stages.stage2_llicm import Stage2LLICMConfig
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return save_tiny_diffusion(root / "sd"), save_tiny_clip(root / "clip")
-
-
-@pytest.fixture(scope="module")
-def pair_shards(tmp_path_factory, photo_dir):
-    folder = tmp_path_factory.mktemp("clean")
-    for path in sorted(photo_dir.iterdir())[:4]:
-        (folder / path.name).write_bytes(path.read_bytes())
-    out = tmp_path_factory.mktemp("pairs")
-    write_pair_shards(folder, out, ["denoise", "dehaze"], samples_per_shard=4, progress=False)
-    return out
-
-
-def stage2_overrides(models, pair_shards, eval_dir):
-    sd, clip = models
-    return [f"prior.model={sd}", "prior.local_files_only=true", "prior.gradient_checkpointing=false",
-            "prior.vae_tile=0", "prior.sample_steps=2", f"clip_model={clip}", "codec.N=32", "codec.M=48",
-            f"data.train_shards={pair_shards}", f"data.val_dir={eval_dir}", "data.val_tasks=[denoise,dehaze]",
-            "data.crop=64", "data.val_crop=64", "data.batch_size=2", "data.num_workers=0", "data.val_max_images=1",
-            "optim.lr=1e-3", "trainer.max_steps=6", "trainer.val_every=6", "trainer.checkpoint_every=3",
-            "trainer.log_every=2", "trainer.progress_bar=false", "trainer.accelerator=cpu", "trainer.devices=1"]
 
 
 @pytest.mark.unit

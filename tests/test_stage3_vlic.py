@@ -20,7 +20,7 @@ from stages import stage3_vlic
 from stages.stage2_llicm import Stage2LLICMConfig
 from stages.stage2_llicm import run as run_stage2
 from stages.stage3_vlic import Stage3VLICConfig
-from test_stage2_llicm import models, pair_shards, stage2_overrides  # noqa: F401 (fixtures)
+from conftest import stage2_overrides
 
 
 def stage3_overrides(pair_shards, eval_dir, parent):
@@ -33,7 +33,7 @@ def stage3_overrides(pair_shards, eval_dir, parent):
 
 
 @pytest.fixture(scope="module")
-def parent(models, pair_shards, eval_dir, trained_run, tmp_path_factory):  # noqa: F811
+def parent(models, pair_shards, eval_dir, trained_run, tmp_path_factory):
     """A tiny LL-ICM final (tiny-sd prior with LoRA and conv_in, tiny CLIP) from the shared stage 1."""
     cfg = load_config(Stage2LLICMConfig, overrides=[*stage2_overrides(models, pair_shards, eval_dir),
                                                     f"init_from={trained_run[1]}",
@@ -42,7 +42,7 @@ def parent(models, pair_shards, eval_dir, trained_run, tmp_path_factory):  # noq
 
 
 @pytest.fixture(scope="module")
-def stage3_final(parent, pair_shards, eval_dir, tmp_path_factory):  # noqa: F811
+def stage3_final(parent, pair_shards, eval_dir, tmp_path_factory):
     cfg = load_config(Stage3VLICConfig, overrides=[*stage3_overrides(pair_shards, eval_dir, parent),
                                                    f"output_root={tmp_path_factory.mktemp('s3')}"])
     return cfg, stage3_vlic.run(cfg)
@@ -58,7 +58,7 @@ def module_from(parent, **changes):
 
 
 @pytest.mark.stage
-def test_stage3_needs_a_stage2_parent(trained_run, pair_shards, eval_dir, tmp_path):  # noqa: F811
+def test_stage3_needs_a_stage2_parent(trained_run, pair_shards, eval_dir, tmp_path):
     with pytest.raises(ConfigError, match="init_from must name a stage-2 final"):
         load_config(Stage3VLICConfig, overrides=[f"data.train_shards={pair_shards}", f"data.val_dir={eval_dir}"])
     cfg = load_config(Stage3VLICConfig, overrides=[*stage3_overrides(pair_shards, eval_dir, trained_run[1]),
@@ -68,7 +68,7 @@ def test_stage3_needs_a_stage2_parent(trained_run, pair_shards, eval_dir, tmp_pa
 
 
 @pytest.mark.stage
-def test_the_reference_is_the_stage2_decoder_and_dpo_learns_the_judges_choices(parent, pair_shards):  # noqa: F811
+def test_the_reference_is_the_stage2_decoder_and_dpo_learns_the_judges_choices(parent, pair_shards):
     stage2 = load_final(parent).model
     module = module_from(parent)
     batch = next(iter(CropStream(read_index(pair_shards), 64, 6, seed=0)))
@@ -111,7 +111,7 @@ def test_the_reference_is_the_stage2_decoder_and_dpo_learns_the_judges_choices(p
 
 @pytest.mark.chain
 def test_a_stage3_final_decodes_its_parents_bitstreams_and_works_with_the_codec_commands(
-        stage3_final, parent, eval_dir, tmp_path):  # noqa: F811
+        stage3_final, parent, eval_dir, tmp_path):
     cfg, final = stage3_final
     manifest, parent_manifest = read_manifest(final, expect_stage="stage3-vlic"), read_manifest(parent)
     assert manifest.weights["codec.safetensors"] == parent_manifest.weights["codec.safetensors"]  # frozen codec
@@ -145,7 +145,7 @@ def test_a_stage3_final_decodes_its_parents_bitstreams_and_works_with_the_codec_
 
 @pytest.mark.fault
 def test_stage3_resumes_to_the_adapter_of_an_uninterrupted_run(stage3_final, parent, pair_shards, eval_dir,
-                                                               tmp_path):  # noqa: F811
+                                                               tmp_path):
     from stages import trainer as trainer_module
     from test_stage1 import CrashAt
 
@@ -160,7 +160,7 @@ def test_stage3_resumes_to_the_adapter_of_an_uninterrupted_run(stage3_final, par
 
 @pytest.mark.chain
 def test_offline_mode_trains_on_pairs_a_vlm_judged_once_into_shards(parent, pair_shards, eval_dir, tmp_path,
-                                                                     monkeypatch):  # noqa: F811
+                                                                     monkeypatch):
     import json
 
     from foundation.config import load_config as load
@@ -191,7 +191,7 @@ def test_offline_mode_trains_on_pairs_a_vlm_judged_once_into_shards(parent, pair
 
 
 @pytest.mark.fault
-def test_two_process_ddp_post_trains_the_adapter_alone(parent, pair_shards, eval_dir, tmp_path):  # noqa: F811
+def test_two_process_ddp_post_trains_the_adapter_alone(parent, pair_shards, eval_dir, tmp_path):
     """Under DDP only the adapter is trained (DDP fails on the second step if a trained weight gets
     no gradient); each rank draws its own pairs from (seed, step, rank); rank 0 hands over."""
     import os
