@@ -2,6 +2,7 @@
 measured side by side in one run; then real/estimated bpp on Kodak of a briefly trained codec.
 
     python benchmarks/stage1_throughput.py --images ../shared/data/bsds500/train --kodak ../shared/data/kodak
+    python benchmarks/stage1_throughput.py ... --overrides compile=true channels_last=true  # the quickstart's
 
 Both sides: the same architecture and size, batch, crop, data folder, loader workers, Adam pair and
 gradient clipping. Steps/s is timed after a warm-up, on the same machine, alternating A B A B.
@@ -65,7 +66,7 @@ def ours(args, shards: Path, workdir: Path) -> float:
     return timed_stage1([f"output_root={workdir}", f"run=ours-{time.time_ns()}", f"data.train_shards={shards}",
                          f"data.val_dir={args.images}", f"data.crop={args.crop}", f"data.batch_size={args.batch}",
                          f"data.num_workers={args.workers}", f"codec.N={args.N}", f"codec.M={args.M}",
-                         "trainer.accelerator=cpu", "trainer.devices=1"], args.warmup, args.steps)
+                         "trainer.accelerator=cpu", "trainer.devices=1", *args.overrides], args.warmup, args.steps)
 
 
 class CroppedFolder(Dataset):
@@ -146,6 +147,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--train-steps", type=int, default=1500, help="training before the bpp ratio")
+    parser.add_argument("--overrides", nargs="*", default=[],
+                        help="stage-1 key=value settings of our side only, e.g. compile=true channels_last=true")
     parser.add_argument("--model", help="a stage-1 final/ to measure the bpp ratio on instead of training one")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())

@@ -1,7 +1,7 @@
 """Data of codec training: a resumable crop stream over shards, and full images for validation."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.images import list_images, load_rgb, to_tensor
 from datamodules.shards import read_index
-from datamodules.stream import CropStream
+from datamodules.stream import Augmentation, CropStream
 
 
 @dataclass
@@ -29,6 +29,8 @@ class ImageDataConfig:
     """Keep up to this many MB of decoded images per loader worker (for data sets that fit: decode once)."""
     val_max_images: int = 0
     """Validate on the first this-many images only (0: all)."""
+    augment: Augmentation = field(default_factory=Augmentation)
+    """Variations of the training crops beyond position and flip (rescaling, quarter turns, channel order)."""
 
     def __post_init__(self) -> None:
         if self.crop < 64 or self.crop % 64:
@@ -63,7 +65,7 @@ class CodecDataModule(L.LightningDataModule):
         trainer = self.trainer
         stream = CropStream(read_index(self.cfg.train_shards), self.cfg.crop, self.cfg.batch_size, self.seed,
                             rank=trainer.global_rank, world_size=trainer.world_size, start_batch=trainer.global_step,
-                            cache_mb=self.cfg.decoded_cache_mb)
+                            cache_mb=self.cfg.decoded_cache_mb, augment=self.cfg.augment)
         return DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
                           persistent_workers=False, pin_memory=torch.cuda.is_available())
 

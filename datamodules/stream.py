@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import logging
 import tarfile
 from collections import OrderedDict
@@ -87,18 +88,55 @@ def read_shard(url: str) -> list[dict]:
     return [samples[key] for key in sorted(samples)]
 
 
-def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A ``size``² crop with a random horizontal flip; images smaller than the crop are upscaled."""
+@dataclass
+class Augmentation:
+    """What a training crop varies besides its position and a horizontal flip; the defaults add
+    nothing (a few photos stretch further with all three)."""
+
+    min_scale: float = 1.0
+    """Crops show the image downscaled by a random factor in [min_scale, 1] (log-uniform)."""
+    rotate: bool = False
+    """Random quarter turns: with the flip, the eight symmetries of the square."""
+    permute_channels: bool = False
+    """Random order of R, G and B, the same for every image stacked in a sample."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_scale <= 1:
+            raise ValueError(f"min_scale must be in (0, 1], got {self.min_scale}")
+
+
+def random_crop(image: np.ndarray, size: int, rng: np.random.Generator,
+                augment: Augmentation | None = None) -> np.ndarray:
+    """A ``size``² crop with a random horizontal flip and ``augment``'s variations; images smaller
+    than the crop are upscaled. Stacked images (C a multiple of 3) are cut and varied alike."""
+    augment = augment or Augmentation()
     height, width = image.shape[:2]
-    if min(height, width) < size:
-        scale = size / min(height, width)
-        new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
-        image = np.concatenate([np.asarray(Image.fromarray(image[..., c: c + 3]).resize(new_size, Image.BICUBIC))
-                                for c in range(0, image.shape[-1], 3)], axis=-1)  # pairs: both halves alike
+    # Random draws beyond position and flip happen only when asked for, so that the default
+    # stream stays the one earlier runs (and their golden curves) were trained on.
+    scale = math.exp(rng.uniform(math.log(augment.min_scale), 0.0)) if augment.min_scale < 1 else 1.0
+    window = min(round(size / scale), height, width) if scale < 1 else size
+    if min(height, width) < window:
+        image = _resize(image, max(window / min(height, width), 1.0))
         height, width = image.shape[:2]
-    top, left = rng.integers(0, height - size + 1), rng.integers(0, width - size + 1)
-    crop = image[top: top + size, left: left + size]
-    return crop[:, ::-1] if rng.random() < 0.5 else crop
+    top, left = rng.integers(0, height - window + 1), rng.integers(0, width - window + 1)
+    crop = image[top: top + window, left: left + window]
+    if window != size:
+        crop = _resize(crop, size / window)
+    crop = crop[:, ::-1] if rng.random() < 0.5 else crop
+    if augment.rotate:
+        crop = np.rot90(crop, k=int(rng.integers(0, 4)))
+    if augment.permute_channels:
+        order = rng.permutation(3)
+        crop = crop[..., np.concatenate([order + c for c in range(0, crop.shape[-1], 3)])]
+    return crop
+
+
+def _resize(image: np.ndarray, factor: float) -> np.ndarray:
+    """Bicubic resize by ``factor`` (sides at least the scaled short side), each RGB triple alike."""
+    height, width = image.shape[:2]
+    new_size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    return np.concatenate([np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c: c + 3])).resize(
+        new_size, Image.BICUBIC)) for c in range(0, image.shape[-1], 3)], axis=-1)
 
 
 def decode_sample(sample: dict) -> tuple[np.ndarray, dict]:
@@ -147,10 +185,11 @@ class CropStream(IterableDataset):
     "decoded", "a", "b", "task", "prefs": P(a closer), …}``. Use with ``batch_size=None``."""
 
     def __init__(self, shards: list[tuple[str, int]], crop: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, start_batch: int = 0, cache_mb: int = 0):
+                 rank: int = 0, world_size: int = 1, start_batch: int = 0, cache_mb: int = 0,
+                 augment: Augmentation | None = None):
         self.shards, self.crop, self.batch_size, self.seed = shards, crop, batch_size, seed
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
-        self.cache_mb = cache_mb
+        self.cache_mb, self.augment = cache_mb, augment
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -170,7 +209,7 @@ class CropStream(IterableDataset):
             rng = np.random.default_rng([self.seed, stream, batch_index * self.batch_size + offset])
             try:
                 pixels, meta = cache.get(sample)
-                crops.append(random_crop(pixels, self.crop, rng))
+                crops.append(random_crop(pixels, self.crop, rng, self.augment))
                 metas.append(meta)
                 keys.append(sample["__key__"])
             except Exception as err:  # noqa: BLE001 - counted and logged as train/skipped_samples

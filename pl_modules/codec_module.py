@@ -10,7 +10,8 @@ from torchmetrics.functional.image import multiscale_structural_similarity_index
 from foundation.config import ModuleConfig
 from pl_modules.base import StageModule
 from pl_modules.bitstream import decode_image, encode_image, pad_to_multiple
-from pl_modules.codecs import CODEC_FILE, CodecConfig, build_codec, codec_state, load_codec_weights, split_parameters
+from pl_modules.codecs import (ARCHITECTURES, CODEC_FILE, CodecConfig, build_codec, codec_state, load_codec_weights,
+                               round_straight_through, split_parameters)
 from pl_modules.losses import MS_SSIM_MIN_SIDE, RD_LOSSES, bits_per_pixel, psnr
 from pl_modules.schedules import OptimConfig
 
@@ -28,12 +29,23 @@ class CodecModuleConfig(ModuleConfig):
     """Distortion: mse (λ·255²·MSE + bpp) or ms-ssim (λ·(1 − MS-SSIM) + bpp; crops ≥ 192)."""
     codec: CodecConfig = field(default_factory=CodecConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    compile: bool = False
+    """torch.compile the training step's forward pass (about 1.4× on a CPU after a ~40 s compile;
+    falls back to eager where no compiler is installed)."""
+    channels_last: bool = False
+    """Train in channels-last memory layout (about 1.1× on a CPU)."""
+    straight_through: bool = False
+    """Train the synthesis on the rounded latent the decoder will see (straight-through gradients),
+    the rate on noisy likelihoods as before; hyperpriors without context models only."""
 
     def __post_init__(self) -> None:
         if self.distortion not in RD_LOSSES:
             raise ValueError(f"distortion must be mse or ms-ssim, got '{self.distortion}'")
         if self.lmbda <= 0:
             raise ValueError(f"lmbda must be positive, got {self.lmbda}")
+        if self.straight_through and not ARCHITECTURES[self.codec.architecture].straight_through:
+            raise ValueError(f"straight_through: {self.codec.architecture} quantises before its context model; "
+                             f"use bmshj2018-hyperprior or mbt2018-mean, or straight_through=false")
 
 
 class CodecModule(StageModule):
@@ -46,6 +58,12 @@ class CodecModule(StageModule):
         super().__init__(cfg)
         self.codec = build_codec(cfg.codec.architecture, cfg.codec.N, cfg.codec.M)
         self.rd_loss = RD_LOSSES[cfg.distortion]
+        if cfg.straight_through:
+            round_straight_through(self.codec)
+        if cfg.channels_last:
+            self.codec.to(memory_format=torch.channels_last)
+        # A compiled function rather than a compiled submodule, whose state-dict keys would change.
+        self.rd_terms = compiled(self._rd_terms) if cfg.compile else self._rd_terms
 
     def parameter_groups(self):
         net, aux = split_parameters(self.codec)
@@ -53,6 +71,9 @@ class CodecModule(StageModule):
 
     def losses(self, batch: dict):
         x = batch["image"]
+        return self.rd_terms(x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x)
+
+    def _rd_terms(self, x: torch.Tensor):
         out = self.codec(x)
         bpp = bits_per_pixel(out["likelihoods"], x.shape[0] * x.shape[-2] * x.shape[-1])
         return self.rd_loss(out["x_hat"], x, bpp, self.cfg.lmbda), self.codec.aux_loss()
@@ -78,3 +99,12 @@ class CodecModule(StageModule):
 
     def load_final_states(self, folder: Path) -> None:
         load_codec_weights(self.codec, folder / CODEC_FILE)
+
+
+def compiled(function):
+    """``torch.compile(function)``, running eagerly where compiling fails (no C++ compiler, say):
+    a quickstart on a bare machine must still train."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    return torch.compile(function)

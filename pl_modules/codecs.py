@@ -16,6 +16,7 @@ from compressai.models import (
     ScaleHyperprior,
 )
 from safetensors.torch import load_file, save_file
+from torch.utils.hooks import RemovableHandle
 
 CODEC_FILE = "codec.safetensors"
 CODER_TABLES = {"_quantized_cdf", "_offset", "_cdf_length", "scale_table"}
@@ -31,24 +32,28 @@ class Architecture:
     in_channels: int = 3
     string_groups: int = 2
     """Entropy models whose strings a bitstream carries (y and z for hyperpriors, y alone otherwise)."""
+    straight_through: bool = False
+    """The synthesis reads the Gaussian conditional's output, so :func:`straight_through_rounding`
+    can hand it the rounded latent (the autoregressive models quantise before their context model)."""
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
 
 
 def register(name: str, pad_multiple: int = 64, latent_stride: int = 64, in_channels: int = 3,
-             string_groups: int = 2):
+             string_groups: int = 2, straight_through: bool = False):
     def add(builder: Callable[[int, int], CompressionModel]):
         if name in ARCHITECTURES:
             raise KeyError(f"codec architecture '{name}' is already registered")
-        ARCHITECTURES[name] = Architecture(builder, pad_multiple, latent_stride, in_channels, string_groups)
+        ARCHITECTURES[name] = Architecture(builder, pad_multiple, latent_stride, in_channels, string_groups,
+                                           straight_through)
         return builder
     return add
 
 
 register("bmshj2018-factorized", pad_multiple=16, latent_stride=16, string_groups=1)(lambda N, M: FactorizedPrior(N, M))
-register("bmshj2018-hyperprior")(lambda N, M: ScaleHyperprior(N, M))
-register("mbt2018-mean")(lambda N, M: MeanScaleHyperprior(N, M))
+register("bmshj2018-hyperprior", straight_through=True)(lambda N, M: ScaleHyperprior(N, M))
+register("mbt2018-mean", straight_through=True)(lambda N, M: MeanScaleHyperprior(N, M))
 register("mbt2018")(lambda N, M: JointAutoregressiveHierarchicalPriors(N, M))
 # Cheng et al. tie the latent width to N; M is ignored there, as in CompressAI's zoo.
 register("cheng2020-anchor")(lambda N, M: Cheng2020Anchor(N))
@@ -80,6 +85,23 @@ def build_codec(architecture: str, N: int, M: int) -> CompressionModel:
     codec.latent_stride, codec.in_channels = spec.latent_stride, spec.in_channels
     codec.string_groups = spec.string_groups
     return codec
+
+
+def round_straight_through(codec: CompressionModel) -> RemovableHandle:
+    """From now on (until the handle's ``remove()``), a training forward pass hands the synthesis
+    the latent rounded as the decoder will see it, ``round(y − μ) + μ`` with gradients passed
+    straight through, while the rate term keeps the additive-noise likelihoods: the synthesis
+    trains on what it decodes at test time. (In eval mode the output is that rounding already.)"""
+    if not ARCHITECTURES[codec.architecture].straight_through:
+        raise ValueError(f"straight-through rounding needs a hyperprior whose synthesis reads the Gaussian "
+                         f"conditional (bmshj2018-hyperprior, mbt2018-mean), not {codec.architecture}")
+
+    def rounded(module, args, kwargs, output):
+        y, means = args[0], kwargs.get("means", args[2] if len(args) > 2 else None)
+        hard = torch.round(y) if means is None else torch.round(y - means) + means
+        return y + (hard - y).detach(), output[1]
+
+    return codec.gaussian_conditional.register_forward_hook(rounded, with_kwargs=True)
 
 
 def split_parameters(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from pl_modules.codecs import ARCHITECTURES, build_codec, load_codec_weights, register, save_codec, split_parameters
+from pl_modules.codecs import (ARCHITECTURES, build_codec, load_codec_weights, register, round_straight_through,
+                               save_codec, split_parameters)
 
 pytestmark = pytest.mark.unit
 
@@ -43,3 +44,56 @@ def test_weights_round_trip_and_a_foreign_file_fails_naming_keys(tmp_path):
         load_codec_weights(build_codec("mbt2018-mean", 16, 24), path)
     with pytest.raises(ValueError, match=r"missing keys \[.*context_prediction"):
         load_codec_weights(build_codec("mbt2018", 16, 24), path)
+
+
+@pytest.mark.parametrize("name", ["bmshj2018-hyperprior", "mbt2018-mean"])
+def test_straight_through_rounding_feeds_the_synthesis_the_decoded_latent_and_keeps_noisy_rates(name):
+    torch.manual_seed(0)
+    codec = build_codec(name, 16, 24).train()
+    x = torch.rand(2, 3, 64, 64)
+    torch.manual_seed(1)
+    noisy = codec(x)
+    handle = round_straight_through(codec)
+    torch.manual_seed(1)
+    out = codec(x)
+    for key in ("y", "z"):  # the rate term is untouched: the same noise, the same likelihoods
+        assert torch.equal(out["likelihoods"][key], noisy["likelihoods"][key])
+    with torch.no_grad():  # what decompress reconstructs: g_s(round(y − μ) + μ) with μ from the noisy z
+        y = codec.g_a(x)
+        z = codec.h_a(y if name == "mbt2018-mean" else torch.abs(y))
+        torch.manual_seed(1)
+        params = codec.h_s(codec.entropy_bottleneck(z)[0])
+        means = params.chunk(2, 1)[1] if name == "mbt2018-mean" else torch.zeros_like(y)
+        expected = codec.g_s(torch.round(y - means) + means)
+    assert torch.allclose(out["x_hat"], expected, atol=1e-5) and not torch.allclose(noisy["x_hat"], expected, atol=1e-3)
+    out["x_hat"].square().mean().backward()  # distortion alone still reaches the analysis
+    assert codec.g_a[0].weight.grad.abs().sum() > 0
+    handle.remove()
+    torch.manual_seed(1)
+    assert torch.equal(codec(x)["x_hat"], noisy["x_hat"])
+
+
+def test_straight_through_refuses_models_that_quantise_before_their_context_model():
+    with pytest.raises(ValueError, match="straight-through rounding needs a hyperprior"):
+        round_straight_through(build_codec("mbt2018", 16, 24))
+
+
+def test_fast_training_settings_change_speed_not_the_model():
+    from foundation.config import load_config
+    from pl_modules.codec_module import CodecModule, CodecModuleConfig
+
+    def module(*overrides):
+        torch.manual_seed(0)
+        return CodecModule(load_config(CodecModuleConfig, overrides=["codec.N=16", "codec.M=24", *overrides]))
+
+    plain, fast = module(), module("channels_last=true", "compile=true")
+    assert list(fast.state_dict()) == list(plain.state_dict())  # the compiled step is no submodule
+    x = {"image": torch.rand(2, 3, 64, 64)}
+    terms = []
+    for m in (plain, module("channels_last=true")):
+        torch.manual_seed(1)
+        terms.append(m.losses(x)[0]["loss"])
+    # Close, not equal: the quantisation noise fills a channels-last tensor in its memory order.
+    assert torch.allclose(terms[0], terms[1], rtol=1e-3)
+    with pytest.raises(Exception, match="straight_through: mbt2018 quantises before its context model"):
+        load_config(CodecModuleConfig, overrides=["codec.architecture=mbt2018", "straight_through=true"])

@@ -8,7 +8,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from datamodules.shards import read_index, write_shards
-from datamodules.stream import CropStream, raw_samples, stream_shards, worker_position
+from datamodules.stream import Augmentation, CropStream, random_crop, raw_samples, stream_shards, worker_position
 
 pytestmark = pytest.mark.unit
 
@@ -186,3 +186,39 @@ def test_centre_crop_lands_on_the_64_px_grid_at_the_centre():
     assert crop.shape == (192, 320) and crop[0, 0] == image[4, 5]
     small = centre_crop(image, 128)
     assert small.shape == (128, 128) and small[0, 0] == image[36, 101]
+
+
+
+def test_default_crop_is_position_and_flip_only():
+    image = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    crop = random_crop(image, 64, np.random.default_rng(5))
+    rng = np.random.default_rng(5)
+    top, left = rng.integers(0, 90 - 64 + 1), rng.integers(0, 120 - 64 + 1)
+    expected = image[top: top + 64, left: left + 64]
+    expected = expected[:, ::-1] if rng.random() < 0.5 else expected
+    np.testing.assert_array_equal(crop, expected)
+
+
+def test_rescaled_crops_see_more_of_the_image():
+    ramp = np.tile(np.arange(256, dtype=np.uint8), (256, 1))[..., None].repeat(3, axis=-1)
+    spans = [np.ptp(random_crop(ramp, 64, np.random.default_rng(seed), Augmentation(min_scale=0.25)).astype(int))
+             for seed in range(40)]
+    assert min(spans) >= 60 and max(spans) > 200  # a quarter-scale crop spans about 4 × 64 columns
+    with pytest.raises(ValueError, match="min_scale"):
+        Augmentation(min_scale=0)
+
+
+def test_turns_and_channel_order_cut_stacked_images_alike():
+    image = np.random.default_rng(1).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    image[..., 1] //= 2
+    image[..., 2] //= 4  # channel means now tell the channels apart
+    stacked = np.concatenate([image, image], axis=-1)  # a (degraded, clean) pair
+    turns, orders = set(), set()
+    for seed in range(30):
+        plain = random_crop(stacked, 64, np.random.default_rng(seed))
+        turned = random_crop(stacked, 64, np.random.default_rng(seed), Augmentation(rotate=True))
+        turns.add(next(k for k in range(4) if np.array_equal(turned, np.rot90(plain, k))))
+        recoloured = random_crop(stacked, 64, np.random.default_rng(seed), Augmentation(permute_channels=True))
+        np.testing.assert_array_equal(recoloured[..., :3], recoloured[..., 3:])
+        orders.add(tuple(np.argsort(recoloured[..., :3].reshape(-1, 3).mean(0))))
+    assert turns == {0, 1, 2, 3} and len(orders) == 6
