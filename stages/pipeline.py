@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from foundation.config import LAUNCH_KEYS, ConfigError, load_config
 from foundation.files import atomic_write_text
@@ -53,6 +54,9 @@ class PipelineConfig:
         for index, entry in enumerate(self.stages):
             if entry.kind not in STAGE_KINDS:
                 raise ConfigError(f"stages.{index}.kind '{entry.kind}' is not one of {sorted(STAGE_KINDS)}")
+            if STAGE_KINDS[entry.kind].parent and not entry.init_from:
+                raise ConfigError(f"stages.{index} ({entry.name}): init_from must name "
+                                  f"{STAGE_KINDS[entry.kind].parent}")
             if names.count(entry.name) > 1:
                 raise ConfigError(f"stages.{index}.name '{entry.name}' is used twice")
             if entry.init_from in names and names.index(entry.init_from) >= index:
@@ -94,7 +98,7 @@ def finished(stage: PlannedStage) -> bool:
         manifest = read_manifest(final, expect_stage=STAGE_KINDS[stage.entry.kind].manifest_stage)
     except ManifestError:
         return False
-    if _computation(OmegaConf.load(final / "config.yaml")) != _computation(OmegaConf.structured(stage.cfg)):
+    if _computation(_saved_config(final, type(stage.cfg))) != _computation(OmegaConf.structured(stage.cfg)):
         raise ConfigError(f"stage '{stage.entry.name}' finished with another config ({final}/config.yaml); "
                           f"pass --force {stage.entry.name} or use a new run name")
     if stage.parent is not None and read_manifest(stage.parent, verify=False).weights != manifest.parent_weights:
@@ -133,6 +137,15 @@ def remove_stage(stage_dir: Path, reason: str) -> None:
         shutil.rmtree(stage_dir)
 
 
+def _saved_config(final: Path, schema: type):
+    """A final's config over today's schema: a field added since, at its default, changes nothing."""
+    saved = OmegaConf.load(final / "config.yaml")
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), saved)
+    except OmegaConfBaseException:  # a key the schema no longer has: another config by any reading
+        return saved
+
+
 def _computation(cfg) -> dict:
     """The config less where the stage lives and how it is launched: what it computes. (The parent
     is compared by its weights' hashes, not by its path.)"""
@@ -156,23 +169,28 @@ def run(pipeline: PipelineConfig, from_stage: str | None = None, until_stage: st
     finals, ran = [], 0
     for index, stage in enumerate(stages):
         label = f"[{index + 1}/{len(stages)}] {stage.entry.name} ({stage.entry.kind})"
-        final = stage.cfg.stage_dir / "final"
         if stage.entry.name in force and index <= last and stage.cfg.stage_dir.exists():
             remove_stage(stage.cfg.stage_dir, f"{label}: --force")
         if index > last:
             break
-        done = finished(stage)
-        if index < first and not done:
+        if index < first and not finished(stage):
             raise ConfigError(f"{label} is not finished, and --from-stage {from_stage} skips it")
-        if done:
-            print(f"{label}: finished, skipped ({final})")
-            finals.append(final)
-            continue
-        restart_if_parent_changed(stage, label)
-        resume = last_checkpoint(stage.cfg.stage_dir)
-        print(f"{label}: " + (f"resuming from {resume}" if resume else "starting"), flush=True)
-        finals.append(STAGE_KINDS[stage.entry.kind].run(stage.cfg))
-        ran += 1
+        final, trained = run_or_skip(stage, label)
+        finals.append(final)
+        ran += trained
     if ran == 0:
         print(f"pipeline '{pipeline.run}': every selected stage is finished; nothing to do")
     return finals
+
+
+def run_or_skip(stage: PlannedStage, label: str) -> tuple[Path, bool]:
+    """(the stage's final/, whether it trained now): a finished stage is skipped, an interrupted one
+    resumes, one whose parent changed starts over."""
+    final = stage.cfg.stage_dir / "final"
+    if finished(stage):
+        print(f"{label}: finished, skipped ({final})")
+        return final, False
+    restart_if_parent_changed(stage, label)
+    resume = last_checkpoint(stage.cfg.stage_dir)
+    print(f"{label}: " + (f"resuming from {resume}" if resume else "starting"), flush=True)
+    return STAGE_KINDS[stage.entry.kind].run(stage.cfg), True

@@ -18,6 +18,8 @@ class StageKind:
     """One line for ``train.py --help``."""
     rd_prefix: str = "val/"
     """Where its manifest's validation metrics sit (``<prefix>bpp``, ``<prefix>psnr``): RD curves read them."""
+    parent: str = ""
+    """What its init_from must name when it cannot start without one (checked before any stage runs)."""
 
 
 STAGE_KINDS: dict[str, StageKind] = {}
@@ -33,6 +35,7 @@ register_stage("stage1", StageKind(stage1.Stage1Config, stage1.run, stage1.STAGE
                                     "rate–distortion pretraining of a CompressAI codec"))
 register_stage("stage2-llicm", StageKind(stage2_llicm.Stage2LLICMConfig, stage2_llicm.run, stage2_llicm.STAGE,
                                          "LL-ICM: joint codec + CLIP-guided diffusion restoration (LoRA)",
-                                         rd_prefix="val/all/"))
+                                         rd_prefix="val/all/", parent="a stage-1 final/ or an earlier stage"))
 register_stage("stage3-vlic", StageKind(stage3_vlic.Stage3VLICConfig, stage3_vlic.run, stage3_vlic.STAGE,
-                                        "VLIC: Diffusion-DPO post-training of a stage-2 decoder on 2AFC judgments"))
+                                        "VLIC: Diffusion-DPO post-training of a stage-2 decoder on 2AFC judgments",
+                                        parent="a stage-2 final/ or an earlier stage"))

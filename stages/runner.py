@@ -14,6 +14,13 @@ from stages.provenance import git_commit
 from stages.trainer import last_checkpoint, train_stage
 
 
+def required_parent(cfg, what: str) -> str:
+    """``cfg.init_from``, which a stage that continues another's work cannot run without."""
+    if not cfg.init_from:
+        raise ConfigError(f"init_from must name {what}")
+    return cfg.init_from
+
+
 def check_parent(init_from: str | Path, expect_stage: str, codec_cfg=None) -> Manifest:
     """The manifest at ``init_from``, after checking the stage that wrote it and, when given, that it
     holds this run's codec architecture."""

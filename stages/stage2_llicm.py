@@ -8,12 +8,11 @@ from pathlib import Path
 import lightning as L
 
 from datamodules.pair_data import PairDataConfig, PairDataModule
-from foundation.config import ConfigError
 from pl_modules import codec_module
 from pl_modules.codecs import CODEC_FILE, load_codec_weights
 from pl_modules.llicm_module import STAGE, LLICMConfig, LLICMModule
 from stages.config import StageConfig
-from stages.runner import check_parent, run_stage
+from stages.runner import check_parent, required_parent, run_stage
 
 
 @dataclass
@@ -22,15 +21,11 @@ class Stage2LLICMConfig(LLICMConfig, StageConfig):
     """This stage's folder inside the run (a pipeline names each of its stages)."""
     data: PairDataConfig = field(default_factory=PairDataConfig)
 
-    def __post_init__(self) -> None:
-        if not self.init_from:
-            raise ConfigError("init_from must name a stage-1 final/ (stage 2 starts from a trained codec)")
-        super().__post_init__()
-
 
 def run(cfg: Stage2LLICMConfig) -> Path:
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    parent = check_parent(cfg.init_from, codec_module.STAGE, cfg.codec)
+    parent = check_parent(required_parent(cfg, "a stage-1 final/ (stage 2 starts from a trained codec)"),
+                          codec_module.STAGE, cfg.codec)
     module = LLICMModule(cfg)
     return run_stage(cfg, module, PairDataModule(cfg.data, cfg.trainer.seed), parent,
                      warm_start=lambda folder: load_codec_weights(module.codec, folder / CODEC_FILE))

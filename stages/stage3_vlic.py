@@ -13,7 +13,7 @@ from foundation.config import ConfigError
 from foundation.manifest import manifest_path, read_manifest
 from pl_modules.vlic_module import DECODERS, STAGE, VLICConfig, VLICModule
 from stages.config import StageConfig
-from stages.runner import run_stage
+from stages.runner import required_parent, run_stage
 
 
 @dataclass
@@ -22,15 +22,10 @@ class Stage3VLICConfig(VLICConfig, StageConfig):
     """This stage's folder inside the run (a pipeline names each of its stages)."""
     data: PairDataConfig = field(default_factory=PairDataConfig)
 
-    def __post_init__(self) -> None:
-        if not self.init_from:
-            raise ConfigError("init_from must name a stage-2 final/ (stage 3 post-trains its decoder)")
-        super().__post_init__()
-
 
 def run(cfg: Stage3VLICConfig) -> Path:
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    parent = read_manifest(cfg.init_from)
+    parent = read_manifest(required_parent(cfg, "a stage-2 final/ (stage 3 post-trains its decoder)"))
     if parent.stage not in DECODERS:
         raise ConfigError(f"init_from {cfg.init_from} was written by {parent.stage}; stage 3 post-trains a stage-2 "
                           f"decoder ({', '.join(sorted(DECODERS))})")

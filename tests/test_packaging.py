@@ -50,7 +50,7 @@ def test_a_wheel_in_a_fresh_venv_runs_the_cli_outside_the_repo(tmp_path):
     printed = subprocess.run([cli, "quickstart", "--print-config"], cwd=elsewhere, capture_output=True, text=True)
     assert printed.returncode == 0, printed.stderr
     # The preset travelled as package data and was merged: its values, not the schema's defaults.
-    assert "max_steps: 4000" in printed.stdout and "workdir: checkpoints/quickstart" in printed.stdout
+    assert "model: tiny-pixel" in printed.stdout and "workdir: checkpoints/quickstart" in printed.stdout
     where = subprocess.run([python, "-c", "import stages, evaluation, foundation; print(stages.__file__)"],
                            cwd=elsewhere, capture_output=True, text=True, check=True).stdout
     assert str(env_dir) in where

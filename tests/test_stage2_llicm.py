@@ -14,7 +14,7 @@ from pl_modules.diffusion_prior import CONV_IN_FILE, LORA_FILE, DiffusionPrior
 from pl_modules.llicm_module import LLICMModule
 from pl_modules.llicm_module import CONTROLLER_FILE
 from pl_modules.metrics import availability
-from stages import pipeline
+from stages import pipeline, stage2_llicm
 from stages.pipeline import PipelineConfig
 from stages.stage2_llicm import Stage2LLICMConfig
 
@@ -22,7 +22,9 @@ from stages.stage2_llicm import Stage2LLICMConfig
 @pytest.mark.unit
 def test_stage2_needs_a_stage1_parent(models, pair_shards, eval_dir):
     with pytest.raises(ConfigError, match="init_from must name a stage-1 final"):
-        load_config(Stage2LLICMConfig, overrides=stage2_overrides(models, pair_shards, eval_dir))
+        stage2_llicm.run(load_config(Stage2LLICMConfig, overrides=stage2_overrides(models, pair_shards, eval_dir)))
+    with pytest.raises(ConfigError, match=r"stages.0 \(llicm\): init_from must name a stage-1 final"):
+        load_config(PipelineConfig, [{"stages": [{"name": "llicm", "kind": "stage2-llicm"}]}])
 
 
 @pytest.mark.stage

@@ -60,7 +60,8 @@ def module_from(parent, **changes):
 @pytest.mark.stage
 def test_stage3_needs_a_stage2_parent(trained_run, pair_shards, eval_dir, tmp_path):
     with pytest.raises(ConfigError, match="init_from must name a stage-2 final"):
-        load_config(Stage3VLICConfig, overrides=[f"data.train_shards={pair_shards}", f"data.val_dir={eval_dir}"])
+        stage3_vlic.run(load_config(Stage3VLICConfig, overrides=[f"data.train_shards={pair_shards}",
+                                                                 f"data.val_dir={eval_dir}"]))
     cfg = load_config(Stage3VLICConfig, overrides=[*stage3_overrides(pair_shards, eval_dir, trained_run[1]),
                                                    f"output_root={tmp_path}"])
     with pytest.raises(ConfigError, match="written by stage1; stage 3 post-trains a stage-2 decoder"):

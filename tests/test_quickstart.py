@@ -1,0 +1,44 @@
+import json
+
+import pytest
+
+from foundation.config import load_config
+from stages import quickstart
+from stages.quickstart import PRESET, QuickstartConfig
+
+LAUNCH = ["trainer.progress_bar=false", "trainer.accelerator=cpu", "trainer.devices=1"]
+
+
+def shrunk(workdir) -> QuickstartConfig:
+    """The quickstart's own preset with every stage cut to a few steps (the real code paths)."""
+    steps = {"stage1": 12, "stage2": 4, "stage3": 2}
+    overrides = [f"workdir={workdir}", f"kodak_dir={workdir}/no-kodak", "anchors=[jpeg]", "win_seeds=1",
+                 "stage1.compile=false", "stage2.data.batch_size=2", "stage3.data.batch_size=2", "stage3.val_seeds=1"]
+    for stage, count in steps.items():
+        overrides += [f"{stage}.trainer.max_steps={count}", f"{stage}.trainer.val_every={count}",
+                      f"{stage}.trainer.checkpoint_every={count}", *(f"{stage}.{o}" for o in LAUNCH)]
+    return load_config(QuickstartConfig, [PRESET], overrides)
+
+
+@pytest.mark.chain
+def test_quickstart_runs_three_stages_reports_a_win_rate_and_skips_finished_stages(tmp_path, capsys):
+    cfg = shrunk(tmp_path)
+    results = quickstart.run(cfg)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["n_pairs"] == results["n_pairs"] == 2  # two held-out photos, one task, one seed
+    assert 0.0 <= saved["win_rate_ci_low"] <= saved["win_rate"] <= saved["win_rate_ci_high"] <= 1.0
+    assert saved["win_judge"] == "psnr" and set(saved["win_rates"]) == {"psnr", "gmsd"}
+    rows = saved["stage1"]["held-out photos"]
+    assert len(rows) == 2 and all(0 < row["bpp"] < 24 and row["psnr"] > 10 for row in rows)
+    report = tmp_path / "report"
+    for name in ("stage1.json", "jpeg.json", "per_image.csv", "rd.png", "win_rates.json"):
+        assert (report / name).is_file(), name
+    finals = sorted((tmp_path / "quickstart").glob("*/final/manifest.json"))
+    assert [p.parent.parent.name for p in finals] == ["stage1", "stage2-llicm", "stage3-vlic"]
+    stamps = [p.stat().st_mtime_ns for p in finals]
+    capsys.readouterr()
+
+    again = quickstart.run(cfg)
+    assert capsys.readouterr().out.count("finished, skipped") == 3
+    assert [p.stat().st_mtime_ns for p in finals] == stamps
+    assert again["win_rate"] == results["win_rate"]  # the same bits, seeds and weights: the same judgments
