@@ -33,7 +33,7 @@ class Architecture:
     string_groups: int = 2
     """Entropy models whose strings a bitstream carries (y and z for hyperpriors, y alone otherwise)."""
     straight_through: bool = False
-    """The synthesis reads the Gaussian conditional's output, so :func:`straight_through_rounding`
+    """The synthesis reads the Gaussian conditional's output, so :func:`round_straight_through`
     can hand it the rounded latent (the autoregressive models quantise before their context model)."""
 
 

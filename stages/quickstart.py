@@ -13,6 +13,7 @@ from datamodules.images import write_skimage_photos
 from datamodules.shards import INDEX, write_pair_shards, write_shards
 from evaluation import evaluate
 from evaluation.learned import evaluate_folder, mean_row
+from foundation.config import ConfigError
 from pl_modules.finals import load_final
 from stages.pipeline import PipelineStage, PlannedStage, run_or_skip
 from stages.stage1 import Stage1Config
@@ -73,7 +74,14 @@ def train(cfg: QuickstartConfig) -> list[Path]:
         if finals:
             stage_cfg = dataclasses.replace(stage_cfg, init_from=str(finals[-1]))
         planned = PlannedStage(PipelineStage(name=stage_cfg.name, kind=kind), stage_cfg, finals[-1] if finals else None)
-        finals.append(run_or_skip(planned, f"[{index + 1}/{len(stages)}] {kind}")[0])
+        try:
+            finals.append(run_or_skip(planned, f"[{index + 1}/{len(stages)}] {kind}")[0])
+        except ConfigError as err:
+            if "finished with another config" not in str(err):
+                raise
+            # The quickstart has no --force: an earlier quickstart's stage (another recipe) is in the way.
+            raise ConfigError(f"{stage_cfg.stage_dir} holds a quickstart stage trained with another config; "
+                              f"remove that folder or pass workdir=<a new folder>") from None
     return finals
 
 

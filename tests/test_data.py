@@ -222,3 +222,21 @@ def test_turns_and_channel_order_cut_stacked_images_alike():
         np.testing.assert_array_equal(recoloured[..., :3], recoloured[..., 3:])
         orders.add(tuple(np.argsort(recoloured[..., :3].reshape(-1, 3).mean(0))))
     assert turns == {0, 1, 2, 3} and len(orders) == 6
+
+
+def test_small_images_are_upscaled_as_before_and_stacked_images_alike():
+    image = np.random.default_rng(2).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    stacked = np.concatenate([image, image], axis=-1)
+    crop = random_crop(stacked, 64, np.random.default_rng(4))
+    # What the code before augmentation did: the short side scaled to the crop, then position and flip.
+    up = np.asarray(Image.fromarray(image).resize((max(64, round(70 * 64 / 50)), 64), Image.BICUBIC))
+    rng = np.random.default_rng(4)
+    top, left = rng.integers(0, up.shape[0] - 64 + 1), rng.integers(0, up.shape[1] - 64 + 1)
+    expected = up[top: top + 64, left: left + 64]
+    expected = expected[:, ::-1] if rng.random() < 0.5 else expected
+    np.testing.assert_array_equal(crop[..., :3], expected)
+    np.testing.assert_array_equal(crop[..., 3:], expected)
+    varied = random_crop(stacked, 64, np.random.default_rng(4), Augmentation(min_scale=0.5, rotate=True,
+                                                                           permute_channels=True))
+    assert varied.shape == (64, 64, 6)
+    np.testing.assert_array_equal(varied[..., :3], varied[..., 3:])

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from foundation.config import load_config
+from foundation.config import ConfigError, load_config
 from stages import quickstart
 from stages.quickstart import PRESET, QuickstartConfig
 
@@ -29,7 +29,9 @@ def test_quickstart_runs_three_stages_reports_a_win_rate_and_skips_finished_stag
     assert 0.0 <= saved["win_rate_ci_low"] <= saved["win_rate"] <= saved["win_rate_ci_high"] <= 1.0
     assert saved["win_judge"] == "psnr" and set(saved["win_rates"]) == {"psnr", "gmsd"}
     rows = saved["stage1"]["held-out photos"]
-    assert len(rows) == 2 and all(0 < row["bpp"] < 24 and row["psnr"] > 10 for row in rows)
+    # Twelve steps make no codec yet: real bytes and finite numbers are what can be asserted here.
+    assert len(rows) == 2 and all(0 < row["bpp"] < 24 and 0 < row["psnr"] < 60 and row["jpeg_psnr_at_bpp"] > 0
+                                  for row in rows)
     report = tmp_path / "report"
     for name in ("stage1.json", "jpeg.json", "per_image.csv", "rd.png", "win_rates.json"):
         assert (report / name).is_file(), name
@@ -42,3 +44,7 @@ def test_quickstart_runs_three_stages_reports_a_win_rate_and_skips_finished_stag
     assert capsys.readouterr().out.count("finished, skipped") == 3
     assert [p.stat().st_mtime_ns for p in finals] == stamps
     assert again["win_rate"] == results["win_rate"]  # the same bits, seeds and weights: the same judgments
+    # A quickstart folder from another recipe is in the way: one line says what to do (there is no --force).
+    changed = load_config(QuickstartConfig, [PRESET], [f"workdir={tmp_path}", "stage1.trainer.seed=5"])
+    with pytest.raises(ConfigError, match="another config; remove that folder or pass workdir="):
+        quickstart.run(changed)
