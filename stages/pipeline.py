@@ -22,6 +22,10 @@ PLACEMENT_KEYS = ("run", "output_root", "name", "init_from")
 PARENT_RECORD = "parent.json"
 
 
+class StaleStageError(ConfigError):
+    """A finished stage whose config differs from the one asked for: rerun it on purpose or move it."""
+
+
 @dataclass
 class PipelineStage:
     name: str = "???"
@@ -99,7 +103,7 @@ def finished(stage: PlannedStage) -> bool:
     except ManifestError:
         return False
     if _computation(_saved_config(final, type(stage.cfg))) != _computation(OmegaConf.structured(stage.cfg)):
-        raise ConfigError(f"stage '{stage.entry.name}' finished with another config ({final}/config.yaml); "
+        raise StaleStageError(f"stage '{stage.entry.name}' finished with another config ({final}/config.yaml); "
                           f"pass --force {stage.entry.name} or use a new run name")
     if stage.parent is not None and read_manifest(stage.parent, verify=False).weights != manifest.parent_weights:
         return False

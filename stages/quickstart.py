@@ -15,7 +15,7 @@ from evaluation import evaluate
 from evaluation.learned import evaluate_folder, mean_row
 from foundation.config import ConfigError
 from pl_modules.finals import load_final
-from stages.pipeline import PipelineStage, PlannedStage, run_or_skip
+from stages.pipeline import PipelineStage, PlannedStage, StaleStageError, run_or_skip
 from stages.stage1 import Stage1Config
 from stages.stage2_llicm import Stage2LLICMConfig
 from stages.stage3_vlic import Stage3VLICConfig
@@ -76,9 +76,7 @@ def train(cfg: QuickstartConfig) -> list[Path]:
         planned = PlannedStage(PipelineStage(name=stage_cfg.name, kind=kind), stage_cfg, finals[-1] if finals else None)
         try:
             finals.append(run_or_skip(planned, f"[{index + 1}/{len(stages)}] {kind}")[0])
-        except ConfigError as err:
-            if "finished with another config" not in str(err):
-                raise
+        except StaleStageError:
             # The quickstart has no --force: an earlier quickstart's stage (another recipe) is in the way.
             raise ConfigError(f"{stage_cfg.stage_dir} holds a quickstart stage trained with another config; "
                               f"remove that folder or pass workdir=<a new folder>") from None
