@@ -65,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("tests", nargs="+", help="results JSONs to compare with it")
     bd.add_argument("--metric", action="append", help="psnr, ms-ssim-db, lpips, ... (default: psnr and ms-ssim-db)")
     bd.add_argument("--method", choices=["cubic", "pchip"], default="cubic")
+    bd.add_argument("--allow-unreliable", action="store_true",
+                    help="compute BD figures the overlap or monotonicity check refuses, flagged with '!'")
+    bd.add_argument("--json", help="also write the figures (and any refusal's reasons) to this JSON file")
+    paired = sub.add_parser("paired", help="paired per-image differences of methods at the same λ, with a "
+                                           "bootstrap interval, from evaluate's per_image.csv")
+    paired.add_argument("per_image", help="per_image.csv written by train.py evaluate")
+    paired.add_argument("--reference", required=True, help="method every test is compared with (e.g. baseline-dehaze)")
+    paired.add_argument("--test", action="append", required=True, help="method to compare (repeatable)")
+    paired.add_argument("--metric", default="psnr", help="column of per_image.csv (default: psnr)")
+    paired.add_argument("--json", help="also write the rows to this JSON file")
 
     shards = sub.add_parser("shards", help="write WebDataset shards from an image folder")
     shards.add_argument("src_dir")
@@ -128,11 +138,26 @@ def run_command(args) -> None:
     elif args.command == "bd-rate":
         import json
 
-        from evaluation.rd import bd_table
+        from evaluation.rd import bd_results, bd_table
 
         load = lambda path: json.loads(Path(path).read_text())  # noqa: E731
-        print(bd_table(load(args.reference), [load(p) for p in args.tests], args.metric or ["psnr", "ms-ssim-db"],
-                       args.method))
+        entries = bd_results(load(args.reference), [load(p) for p in args.tests], args.metric or ["psnr", "ms-ssim-db"],
+                             args.method, args.allow_unreliable)
+        print(bd_table(entries))
+        if args.json:
+            Path(args.json).write_text(json.dumps(entries, indent=2) + "\n")
+    elif args.command == "paired":
+        import json
+
+        from evaluation.paired import paired_differences, paired_table, read_rows
+
+        table = read_rows(args.per_image)
+        entries = [e for test in args.test for e in paired_differences(table, args.reference, test, args.metric)]
+        if not entries:
+            raise ValueError(f"{args.per_image} has no setting where {args.reference} and {', '.join(args.test)} both have rows")
+        print(paired_table(entries))
+        if args.json:
+            Path(args.json).write_text(json.dumps(entries, indent=2) + "\n")
     elif (cfg := resolve_config(args)) is not None:
         from stages.registry import STAGE_KINDS
 

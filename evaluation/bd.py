@@ -7,6 +7,31 @@ import numpy as np
 from scipy.interpolate import PchipInterpolator
 
 METHODS = ("cubic", "pchip")
+MIN_OVERLAP_DB = 0.5
+"""Quality overlap (dB metrics) below which a BD figure extrapolates more than it measures."""
+MIN_OVERLAP_FRACTION = 0.5
+"""For metrics not in dB: the overlap as a share of the narrower curve's quality range."""
+
+
+def unreliable(ref_rate, ref_metric, test_rate, test_metric, in_db: bool,
+               min_overlap_db: float = MIN_OVERLAP_DB) -> list[str]:
+    """Why a BD figure between these two curves would mislead (empty: nothing found): quality ranges
+    that barely overlap (the figure then rests on extrapolated fits, and cubic and PCHIP can disagree
+    in sign), or a curve whose quality does not move one way with rate (a fit through it is no RD curve)."""
+    reasons = []
+    overlap = min(np.max(ref_metric), np.max(test_metric)) - max(np.min(ref_metric), np.min(test_metric))
+    if in_db and overlap < min_overlap_db:
+        reasons.append(f"quality ranges overlap by {overlap:.2f} dB (< {min_overlap_db} dB)")
+    if not in_db:
+        narrower = min(np.ptp(ref_metric), np.ptp(test_metric))
+        if overlap < MIN_OVERLAP_FRACTION * narrower:
+            reasons.append(f"quality ranges overlap by {overlap:.4g}, under {MIN_OVERLAP_FRACTION:.0%} of the "
+                           f"narrower range {narrower:.4g}")
+    for name, rate, metric in (("reference", ref_rate, ref_metric), ("test", test_rate, test_metric)):
+        steps = np.diff(np.asarray(metric, float)[np.argsort(np.asarray(rate, float))])
+        if not (np.all(steps >= 0) or np.all(steps <= 0)):
+            reasons.append(f"the {name} curve is not monotone in rate")
+    return reasons
 
 
 def bd_rate(ref_rate, ref_metric, test_rate, test_metric, method: str = "cubic") -> float:

@@ -62,6 +62,9 @@ class EvaluateConfig:
     """Judges of the win rate (pl_modules/judges.py); the training judge and at least one independent one."""
     win_seeds: int = 2
     """Sampling seeds per image and task for the win rate."""
+    restore_seeds: int = 1
+    """Sampling seeds per image and task for the restorers; an image's row averages its seeds, so that
+    per-image comparisons (``train.py paired``) are not pretending the seeds are independent images."""
     restore_crop: int = 0
     """Centre crop of at most this side for the restorers (0: the whole image, cut to a multiple of
     64); sampling a diffusion prior over whole images is slow on a CPU."""
@@ -169,6 +172,8 @@ def restoration_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]
             raise ValueError(f"unknown task '{task}'; choose from {list(TASKS)}")
     if 0 < cfg.restore_crop < 64:
         raise ValueError(f"restore_crop must be 0 or at least 64, got {cfg.restore_crop}")
+    if cfg.restore_seeds < 1:
+        raise ValueError(f"restore_seeds must be at least 1, got {cfg.restore_seeds}")
     rows = []
     for spec in cfg.restorers:
         name, _, folder = spec.partition("=")
@@ -185,14 +190,24 @@ def restoration_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]
             for task in cfg.tasks:
                 degraded = to_tensor(degrade(clean, task, seed)).unsqueeze(0)
                 data, decoded = round_trip(model.codec, degraded, sha)
-                restored, _ = model.restore(decoded, seed)
                 target = to_tensor(clean).unsqueeze(0)
+                restored = [measure_all(metrics, model.restore(decoded, seed * cfg.restore_seeds + k)[0], target)
+                            for k in range(cfg.restore_seeds)]
                 # FID/KID against the crop that was restored, not the whole original.
                 reference = {"_inception_ref": distribution.inception_features(target)} if _WORKER["fid"] else {}
-                for method, image in ((f"{name}-{task}", restored), (f"{name}-{task}-decoded", decoded)):
+                for method, values in ((f"{name}-{task}", seed_mean(restored)),
+                                       (f"{name}-{task}-decoded", measure_all(metrics, decoded, target))):
                     rows.append({"method": method, "setting": setting, "image": path.name, **reference,
-                                 "bpp": 8 * len(data) / (height * width), **measure_all(metrics, image, target)})
+                                 "bpp": 8 * len(data) / (height * width), **values})
     return rows
+
+
+def seed_mean(per_seed: list[dict]) -> dict:
+    """One image's metrics over its sampling seeds: means, and every seed's Inception patches."""
+    out = {k: sum(v[k] for v in per_seed) / len(per_seed) for k in per_seed[0] if k != "_inception"}
+    if "_inception" in per_seed[0]:
+        out["_inception"] = np.concatenate([v["_inception"] for v in per_seed])
+    return out
 
 
 def classical_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str], codecs: list[str]) -> list[dict]:

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from datamodules.degradations import degrade
 from datamodules.images import centre_crop, load_rgb, to_tensor
+from evaluation.paired import bootstrap_mean
 from pl_modules.bitstream import round_trip
 from pl_modules.finals import Final
 from pl_modules.judges import Judge
@@ -44,9 +45,6 @@ def paired_preferences(final: Final, images: list[Path], tasks: list[str], seeds
 
 def win_rate(prefs: np.ndarray, resamples: int = 2000, seed: int = 0) -> dict[str, float]:
     """Mean preference with a 95 % bootstrap interval that resamples images (rows)."""
-    per_image = prefs.mean(axis=1)
-    picks = np.random.default_rng(seed).integers(0, len(per_image), size=(resamples, len(per_image)))
-    means = per_image[picks].mean(axis=1)
-    return {"win_rate": float(per_image.mean()), "win_rate_ci_low": float(np.percentile(means, 2.5)),
-            "win_rate_ci_high": float(np.percentile(means, 97.5)), "n_pairs": int(prefs.size),
-            "n_images": int(len(per_image))}
+    mean, low, high = bootstrap_mean(prefs.mean(axis=1), resamples, seed)
+    return {"win_rate": mean, "win_rate_ci_low": low, "win_rate_ci_high": high, "n_pairs": int(prefs.size),
+            "n_images": int(len(prefs))}

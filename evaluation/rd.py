@@ -60,19 +60,51 @@ def curve(results: dict, metric: str) -> tuple[list[float], list[float]]:
     raise KeyError(f"{results.get('name', '?')} has no '{metric}' results")
 
 
-def bd_table(reference: dict, tests: list[dict], metrics: list[str], method: str = "cubic") -> str:
-    """BD-rate (%) and BD-metric of every test curve against the reference, one row per test."""
-    from evaluation.bd import bd_metric, bd_rate
+DB_METRICS = ("psnr", "psnr-rgb", "ms-ssim-db")
 
-    header = f"{'vs ' + reference['name']:<32}" + "".join(f"{'BD-rate ' + m:>22}{'BD-' + m:>16}" for m in metrics)
-    lines = [header]
+
+def bd_results(reference: dict, tests: list[dict], metrics: list[str], method: str = "cubic",
+               allow_unreliable: bool = False) -> list[dict]:
+    """One entry per (test curve, metric): ``bd_rate`` (%) and ``bd_metric`` against the reference,
+    or ``refused`` with the reasons (evaluation/bd.py::unreliable) unless ``allow_unreliable``, which
+    still computes them and keeps the reasons under ``unreliable``; ``error`` when none can be had."""
+    from evaluation.bd import bd_metric, bd_rate, unreliable
+
+    entries = []
     for test in tests:
-        cells = []
         for metric in metrics:
+            entry: dict = {"reference": reference["name"], "test": test["name"], "metric": metric, "method": method}
             try:
                 ref, other = curve(reference, metric), curve(test, metric)
-                cells.append(f"{bd_rate(*ref, *other, method):>21.2f}%{bd_metric(*ref, *other, method):>16.4f}")
+                reasons = unreliable(*ref, *other, in_db=metric in DB_METRICS)
+                if reasons and not allow_unreliable:
+                    entry["refused"] = reasons
+                else:
+                    entry.update(bd_rate=bd_rate(*ref, *other, method), bd_metric=bd_metric(*ref, *other, method))
+                    if reasons:
+                        entry["unreliable"] = reasons
             except (KeyError, ValueError) as err:
-                cells.append(f"{'n/a (' + str(err)[:30] + ')':>38}")
-        lines.append(f"{test['name']:<32}" + "".join(cells))
-    return "\n".join(lines)
+                entry["error"] = str(err)
+            entries.append(entry)
+    return entries
+
+
+def bd_table(entries: list[dict]) -> str:
+    """bd_results as a table, a row per test curve; refused or flagged figures say why below it."""
+    metrics = list(dict.fromkeys(e["metric"] for e in entries))
+    header = f"{'vs ' + entries[0]['reference']:<32}" + "".join(f"{'BD-rate ' + m:>22}{'BD-' + m:>16}" for m in metrics)
+    lines, notes = [header], []
+    for test in dict.fromkeys(e["test"] for e in entries):
+        cells = []
+        for entry in (e for e in entries if e["test"] == test):
+            if "bd_rate" in entry:
+                flag = "!" if "unreliable" in entry else " "
+                cells.append(f"{entry['bd_rate']:>20.2f}%{flag}{entry['bd_metric']:>15.4f}")
+            else:
+                cells.append(f"{'refused' if 'refused' in entry else 'n/a':>38}")
+            why = entry.get("refused") or entry.get("unreliable") or ([entry["error"]] if "error" in entry else [])
+            if why:
+                verdict = "refused" if "refused" in entry else "unreliable (!)" if "unreliable" in entry else "n/a"
+                notes.append(f"{test} {entry['metric']}: {verdict}: {'; '.join(why)}")
+        lines.append(f"{test:<32}" + "".join(cells))
+    return "\n".join(lines + notes)

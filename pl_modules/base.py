@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from foundation.config import to_dict
+from foundation.config import section, to_dict
 from pl_modules.bitstream import Sampler
 from pl_modules.image_means import ImageMeans
 from pl_modules.schedules import lr_factor, step_seed
@@ -55,6 +55,10 @@ class StageModule(L.LightningModule):
     def parameter_groups(self) -> tuple[list[dict], list[torch.nn.Parameter]]:
         """(network parameter groups, auxiliary parameters): what trains; everything else is frozen."""
         raise NotImplementedError
+
+    def manifest_params(self) -> dict:
+        """What the manifest records this stage trained with: its schema's part of the config."""
+        return section(self.cfg, self.CONFIG)
 
     def final_states(self) -> dict[str, Tensors]:
         """File name in ``final/`` → tensors: what this stage hands over (trained weights only)."""

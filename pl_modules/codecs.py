@@ -18,6 +18,8 @@ from compressai.models import (
 from safetensors.torch import load_file, save_file
 from torch.utils.hooks import RemovableHandle
 
+from pl_modules.bitstream import quantize_8bit
+
 CODEC_FILE = "codec.safetensors"
 CODER_TABLES = {"_quantized_cdf", "_offset", "_cdf_length", "scale_table"}
 
@@ -87,21 +89,52 @@ def build_codec(architecture: str, N: int, M: int) -> CompressionModel:
     return codec
 
 
-def round_straight_through(codec: CompressionModel) -> RemovableHandle:
-    """From now on (until the handle's ``remove()``), a training forward pass hands the synthesis
-    the latent rounded as the decoder will see it, ``round(y − μ) + μ`` with gradients passed
-    straight through, while the rate term keeps the additive-noise likelihoods: the synthesis
-    trains on what it decodes at test time. (In eval mode the output is that rounding already.)"""
+class HookHandles:
+    """Hooks removed together, by ``remove()`` or at the end of a ``with`` block."""
+
+    def __init__(self, *handles: RemovableHandle):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def __enter__(self) -> "HookHandles":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def round_straight_through(codec: CompressionModel) -> HookHandles:
+    """From now on (until ``remove()``), a training forward pass rounds both latents as the decoder
+    does, ``round(z − median) + median`` and ``round(y − μ) + μ``, with gradients passed straight
+    through, while each latent's own likelihood keeps its additive noise: the synthesis trains on
+    exactly what it decodes at test time, and the rate term stays differentiable. (In eval mode the
+    outputs are that rounding already.)"""
     if not ARCHITECTURES[codec.architecture].straight_through:
         raise ValueError(f"straight-through rounding needs a hyperprior whose synthesis reads the Gaussian "
                          f"conditional (bmshj2018-hyperprior, mbt2018-mean), not {codec.architecture}")
 
-    def rounded(module, args, kwargs, output):
+    def rounded_y(module, args, kwargs, output):
         y, means = args[0], kwargs.get("means", args[2] if len(args) > 2 else None)
         hard = torch.round(y) if means is None else torch.round(y - means) + means
         return y + (hard - y).detach(), output[1]
 
-    return codec.gaussian_conditional.register_forward_hook(rounded, with_kwargs=True)
+    def rounded_z(module, args, output):
+        z = args[0]
+        medians = module.quantiles[:, 0, 1].detach().view(1, -1, *[1] * (z.dim() - 2))
+        return z + (torch.round(z - medians) + medians - z).detach(), output[1]
+
+    return HookHandles(codec.gaussian_conditional.register_forward_hook(rounded_y, with_kwargs=True),
+                       codec.entropy_bottleneck.register_forward_hook(rounded_z))
+
+
+def as_decoded(x_hat: torch.Tensor, eight_bit: bool = True) -> torch.Tensor:
+    """The synthesis output as a decoded file holds it (clamped to [0, 1], and rounded to 8 bits when
+    ``eight_bit``), with gradients passed straight through, so a loss on it still reaches the codec."""
+    hard = quantize_8bit(x_hat) if eight_bit else x_hat.clamp(0, 1)
+    return x_hat + (hard - x_hat).detach()
 
 
 def split_parameters(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -16,7 +17,8 @@ from foundation.config import ModuleConfig
 from pl_modules.base import StageModule
 from pl_modules.bitstream import BitstreamError, Sampler, decode_image, encode_image
 from pl_modules.codec_module import IN_MEMORY_ID
-from pl_modules.codecs import CODEC_FILE, CodecConfig, build_codec, codec_state, load_codec_weights, split_parameters
+from pl_modules.codecs import (ARCHITECTURES, CODEC_FILE, CodecConfig, as_decoded, build_codec, codec_state,
+                               load_codec_weights, round_straight_through, split_parameters)
 from pl_modules.controller import DegradationController, FrozenClipImageEncoder
 from pl_modules.diffusion_prior import DiffusionPrior, DiffusionPriorConfig
 from pl_modules.losses import MS_SSIM_MIN_SIDE, bits_per_pixel, llicm_loss, psnr
@@ -39,11 +41,17 @@ class LLICMConfig(ModuleConfig):
     train_codec: bool = True
     """Train the codec jointly (LL-ICM) or keep the stage-1 codec frozen (the baseline's first half)."""
     alpha: float = 1.0
-    """Weight of MSE(X̂, X): the decoded image against the degraded input."""
-    beta: float = 0.01
-    """Weight of the rate R in bpp."""
+    """Weight of MSE(X̂, X): the decoded image against the degraded input (the paper's Eq. 5);
+    0 leaves the rate and the task alone (its Eq. 1), so the codec is not paid to keep noise."""
+    beta: Optional[float] = None
+    """Weight of the rate R in bpp; null: derived from the parent's λ so that the codec keeps its
+    trade-off, β = (α + 4γ)/(λ·255²) for the residual pixel prior, α/(λ·255²) otherwise
+    (pl_modules/losses.py::matched_rate_weight says what that rests on); judge it by the bpp."""
     gamma: float = 1.0
     """Weight of the diffusion loss toward the ideal (clean) image."""
+    eight_bit: bool = True
+    """The restorer trains on X̂ clamped and rounded to 8 bits, as the file decodes it (the latents are
+    always rounded as the decoder rounds them, gradients straight through); false: clamped floats."""
     classification: float = 0.1
     """Weight of the controller's degradation classification (cross-entropy)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -53,6 +61,10 @@ class LLICMConfig(ModuleConfig):
     wants less than the modules that start from scratch. The schedule scales it too."""
 
     def __post_init__(self) -> None:
+        if not ARCHITECTURES[self.codec.architecture].straight_through:
+            raise ValueError(f"codec.architecture: the restorer trains on the decoded image, which needs "
+                             f"straight-through rounding (bmshj2018-hyperprior, mbt2018-mean), not "
+                             f"{self.codec.architecture}")
         if self.prior.frozen_dtype == "bfloat16" and self.trainer.precision != "bf16-mixed":
             raise ValueError("prior.frozen_dtype=bfloat16 needs trainer.precision=bf16-mixed")
         if not self.prior.condition_channels:
@@ -66,9 +78,14 @@ class LLICMModule(StageModule):
     VAL_METRICS = tuple(f"val/{task}/{m}" for task in (*TASKS, "all")
                         for m in ("bpp", "psnr", "ms_ssim", "lpips", "accuracy"))
 
-    def __init__(self, cfg: LLICMConfig):
+    def __init__(self, cfg: LLICMConfig, beta: Optional[float] = None):
+        """``beta``: the rate weight when the config leaves it to be derived (the stage derives it
+        from the parent; a final loaded to restore images needs none)."""
         super().__init__(cfg)
+        self.beta = cfg.beta if cfg.beta is not None else beta
         self.codec = build_codec(cfg.codec.architecture, cfg.codec.N, cfg.codec.M)
+        # Training decodes as the file does: rounded latents, noisy likelihoods for the rate.
+        round_straight_through(self.codec)
         self.prior = DiffusionPrior(cfg.prior)
         self.clip = FrozenClipImageEncoder(cfg.clip_model, cfg.prior.local_files_only)
         self.controller = DegradationController(self.clip.dim, self.prior.unet.config.cross_attention_dim,
@@ -93,19 +110,24 @@ class LLICMModule(StageModule):
 
     def losses(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """(LL-ICM loss terms, auxiliary entropy-model loss) of one batch of pairs."""
+        if self.beta is None:
+            raise ValueError("beta is not set: give it in the config or derive it from the parent (stage 2's run)")
         degraded, clean, labels = batch["degraded"], batch["clean"], batch["task"]
         out = self.codec(degraded)
         bpp = bits_per_pixel(out["likelihoods"], degraded.shape[0] * degraded.shape[-2] * degraded.shape[-1])
-        x_hat = out["x_hat"]
+        x_hat = as_decoded(out["x_hat"], self.cfg.eight_bit)
         condition = self.prior.encode(x_hat)  # frozen VAE, but differentiable: L_task reaches the codec
         with torch.no_grad():
             target = self.prior.encode(clean)
         logits, tokens = self.controller(self.clip(x_hat.detach()))
         task = self.prior.diffusion_loss(target, condition, tokens).mean()
-        terms = llicm_loss(x_hat, degraded, bpp, task, logits, labels, self.cfg.alpha, self.cfg.beta,
+        terms = llicm_loss(x_hat, degraded, bpp, task, logits, labels, self.cfg.alpha, self.beta,
                            self.cfg.gamma, self.cfg.classification)
         aux_loss = self.codec.aux_loss() if self.cfg.train_codec else torch.zeros((), device=bpp.device)
         return terms, aux_loss
+
+    def manifest_params(self) -> dict:
+        return {**super().manifest_params(), "beta": self.beta}
 
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 from safetensors.torch import save_file
 
-from foundation.config import ConfigError, section, to_dict, to_yaml
+from foundation.config import ConfigError, to_dict, to_yaml
 from foundation.manifest import Manifest, manifest_path, read_manifest, write_final
 from pl_modules.base import StageModule
 from stages.provenance import git_commit
@@ -42,7 +42,7 @@ def run_stage(cfg, module: StageModule, datamodule, parent: Optional[Manifest] =
         module = module.cpu()
         # A stage that keeps its parent's codec frozen hands on the parent's description of it.
         codec = to_dict(cfg.codec) if hasattr(cfg, "codec") else (parent.codec if parent else None)
-        manifest = Manifest(stage=module.STAGE, weights={}, params=section(module.cfg, module.CONFIG),
+        manifest = Manifest(stage=module.STAGE, weights={}, params=module.manifest_params(),
                             codec=codec, metrics=metrics,
                             git_commit=git_commit(),
                             parent=str(manifest_path(cfg.init_from).resolve()) if parent else None,

@@ -6,11 +6,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.pair_data import PairDataConfig, PairDataModule
+from foundation.config import ConfigError
+from foundation.manifest import Manifest
 from pl_modules import codec_module
 from pl_modules.codecs import CODEC_FILE, load_codec_weights
 from pl_modules.llicm_module import STAGE, LLICMConfig, LLICMModule
+from pl_modules.losses import matched_rate_weight
 from stages.config import StageConfig
 from stages.runner import check_parent, required_parent, run_stage
 
@@ -22,10 +26,26 @@ class Stage2LLICMConfig(LLICMConfig, StageConfig):
     data: PairDataConfig = field(default_factory=PairDataConfig)
 
 
+def rate_weight(cfg: Stage2LLICMConfig, parent: Manifest) -> float:
+    """β as set, or derived from the parent's λ (pl_modules/losses.py::matched_rate_weight)."""
+    if cfg.beta is not None:
+        return cfg.beta
+    if parent.params.get("distortion") != "mse":
+        raise ConfigError(f"beta: derived only from an MSE-trained parent, {cfg.init_from} was trained on "
+                          f"{parent.params.get('distortion')}; set beta")
+    lmbda = parent.params["lmbda"]
+    try:
+        beta = matched_rate_weight(lmbda, cfg.alpha, cfg.gamma, cfg.prior.residual and not cfg.prior.vae)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    rank_zero_info(f"beta = {beta:.6g}: derived from the parent's λ = {lmbda} (alpha={cfg.alpha}, gamma={cfg.gamma})")
+    return beta
+
+
 def run(cfg: Stage2LLICMConfig) -> Path:
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     parent = check_parent(required_parent(cfg, "a stage-1 final/ (stage 2 starts from a trained codec)"),
                           codec_module.STAGE, cfg.codec)
-    module = LLICMModule(cfg)
+    module = LLICMModule(cfg, rate_weight(cfg, parent))
     return run_stage(cfg, module, PairDataModule(cfg.data, cfg.trainer.seed), parent,
                      warm_start=lambda folder: load_codec_weights(module.codec, folder / CODEC_FILE))

@@ -60,3 +60,43 @@ def test_rd_results_read_a_stages_own_metrics_and_order_points_by_rate():
     assert [p["lmbda"] for p in results["points"]] == [0.001, 0.01]
     with pytest.raises(KeyError, match="val/bpp"):
         rd_results("s", "d", points)
+
+
+# The recorded tiny LL-ICM dehaze curves: ranges overlapping by 0.27 dB, neither monotone.
+BASELINE = ([0.167, 0.217, 0.363, 0.389], [12.13, 14.79, 14.37, 13.70])
+JOINT = ([0.261, 0.404, 0.413, 0.651], [15.45, 14.52, 14.69, 15.84])
+
+
+def test_curves_that_barely_overlap_or_fold_back_are_named_unreliable():
+    from evaluation.bd import unreliable
+
+    assert unreliable(RATES, PSNR, RATES, [p + 0.7 for p in PSNR], in_db=True) == []
+    reasons = unreliable(*BASELINE, *JOINT, in_db=True)
+    assert reasons == ["quality ranges overlap by 0.27 dB (< 0.5 dB)", "the reference curve is not monotone in rate",
+                       "the test curve is not monotone in rate"]
+    assert unreliable(RATES, PSNR, RATES, [p + 10.6 for p in PSNR], in_db=True) == []  # 0.6 dB overlap
+    assert unreliable(RATES, PSNR, RATES, [p + 10.8 for p in PSNR], in_db=True) == [
+        "quality ranges overlap by 0.40 dB (< 0.5 dB)"]
+    lpips = [0.5, 0.4, 0.3, 0.2, 0.1]  # lower is better: decreasing is monotone too
+    assert unreliable(RATES, lpips, RATES, [v - 0.01 for v in lpips], in_db=False) == []
+    assert unreliable(RATES, lpips, RATES, [v - 0.35 for v in lpips], in_db=False)[0].startswith("quality ranges overlap")
+
+
+def test_the_bd_rate_command_refuses_an_unreliable_figure_in_the_table_and_the_json(tmp_path, capsys):
+    import json
+
+    from train import main
+
+    for name, (rates, psnrs) in (("baseline", BASELINE), ("joint", JOINT)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"name": name, "results": {"bpp": rates, "psnr-rgb": psnrs}}))
+    args = ["bd-rate", str(tmp_path / "baseline.json"), str(tmp_path / "joint.json"), "--metric", "psnr"]
+    assert main([*args, "--json", str(tmp_path / "bd.json")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "refused" in out[1] and "%" not in out[1]
+    assert out[2].startswith("joint psnr: refused: quality ranges overlap by 0.27 dB")
+    entry = json.loads((tmp_path / "bd.json").read_text())[0]
+    assert "bd_rate" not in entry and len(entry["refused"]) == 3
+    assert main([*args, "--allow-unreliable", "--json", str(tmp_path / "bd.json")]) == 0
+    assert "%!" in capsys.readouterr().out.splitlines()[1]
+    entry = json.loads((tmp_path / "bd.json").read_text())[0]
+    assert "bd_rate" in entry and len(entry["unreliable"]) == 3

@@ -90,3 +90,14 @@ def test_diffusion_dpo_loss_against_hand_computed_values():
     assert worse["model_ref_mse"].item() == pytest.approx(0.0005, rel=1e-3)
     sft = diffusion_dpo_loss(w, l, rw, rl, beta=1000.0, sft_weight=2.0)
     assert sft["loss"].item() == pytest.approx(sft["dpo"].item() + 2.0 * 0.10, rel=1e-5)
+
+
+def test_the_matched_rate_weight_counts_the_distortion_that_reaches_the_codec():
+    from pl_modules.losses import matched_rate_weight
+
+    # Residual pixel prior: α + 4γ = 1 + 4·0.25 = 2 over λ·255² = 0.0067·65025 = 435.6675.
+    assert matched_rate_weight(0.0067, 1.0, 0.25, True) == pytest.approx(2 / 435.6675)
+    assert matched_rate_weight(0.0067, 0.0, 0.25, True) == pytest.approx(1 / 435.6675)
+    assert matched_rate_weight(0.0067, 1.0, 0.25, False) == pytest.approx(1 / 435.6675)
+    with pytest.raises(ValueError, match="beta cannot be derived"):
+        matched_rate_weight(0.0067, 0.0, 1.0, False)

@@ -32,7 +32,7 @@ def test_loss_on_a_fixed_batch_falls_and_frozen_weights_stay(models, pair_shards
     _, final = trained_run
     cfg = load_config(Stage2LLICMConfig, overrides=[*stage2_overrides(models, pair_shards, eval_dir),
                                                     f"init_from={final}"])
-    module = LLICMModule(cfg)
+    module = LLICMModule(cfg, beta=0.01)
     batch = next(iter(CropStream(read_index(pair_shards), 64, 2, seed=0)))
     frozen = {k: v.clone() for k, v in module.state_dict().items() if module.is_frozen_weight(k)}
     assert any(k.startswith("clip.") for k in frozen) and any(k.startswith("prior.vae.") for k in frozen)
@@ -52,9 +52,90 @@ def test_loss_on_a_fixed_batch_falls_and_frozen_weights_stay(models, pair_shards
             assert torch.equal(value, frozen[key]), key
 
 
-# train/loss every 2 steps of 12 LL-ICM steps after the shared tiny stage 1, recorded before the shared
-# training skeleton replaced LL-ICM's own loop (the trained files were bit-identical after it).
-GOLDEN_LLICM = [1.5985497, 1.3132018, 1.2167697, 1.0578331, 1.2055500, 1.2593573]
+def module_and_batch(models, pair_shards, eval_dir, *overrides: str) -> tuple[LLICMModule, dict]:
+    """A module with a random codec and a batch of two 64-px pairs whose degraded and clean differ."""
+    torch.manual_seed(0)
+    cfg = load_config(Stage2LLICMConfig, overrides=[*stage2_overrides(models, pair_shards, eval_dir), *overrides])
+    batch = next(iter(CropStream(read_index(pair_shards), 64, 2, seed=0)))
+    assert not torch.equal(batch["degraded"], batch["clean"])
+    return LLICMModule(cfg, beta=0.01), batch
+
+
+@pytest.mark.unit
+def test_beta_is_derived_from_an_mse_parent_or_refused_in_one_line(models, pair_shards, eval_dir):
+    from foundation.manifest import Manifest
+    from stages.stage2_llicm import rate_weight
+
+    cfg = load_config(Stage2LLICMConfig, overrides=[*stage2_overrides(models, pair_shards, eval_dir), "gamma=0.25"])
+    parent = Manifest(stage="stage1", weights={}, params={"lmbda": 0.0067, "distortion": "mse"})
+    assert rate_weight(cfg, parent) == pytest.approx(1 / (0.0067 * 255**2))  # through a VAE: α alone
+    cfg.prior.vae, cfg.prior.residual = False, True  # the residual pixel prior: α + 4γ
+    assert rate_weight(cfg, parent) == pytest.approx(2 / (0.0067 * 255**2))
+    cfg.beta = 0.5
+    assert rate_weight(cfg, parent) == 0.5
+    cfg.beta = None
+    with pytest.raises(ConfigError, match="derived only from an MSE-trained parent"):
+        rate_weight(cfg, Manifest(stage="stage1", weights={}, params={"lmbda": 8.0, "distortion": "ms-ssim"}))
+    cfg.alpha, cfg.prior.vae, cfg.prior.residual = 0.0, True, False
+    with pytest.raises(ConfigError, match="beta cannot be derived"):
+        rate_weight(cfg, parent)
+
+
+@pytest.mark.unit
+def test_the_task_term_alone_reaches_the_codecs_analysis_and_synthesis(models, pair_shards, eval_dir):
+    module, batch = module_and_batch(models, pair_shards, eval_dir)
+    groups, _ = module.parameter_groups()
+    # The condition's input channels start at zero (training starts from the base model), so the
+    # codec gets L_task's gradient only once the prior has learnt to read it: two steps first.
+    optimizer = torch.optim.Adam(groups[0]["params"], lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        module.losses(batch)[0]["task"].backward()
+        optimizer.step()
+    module.codec.zero_grad(set_to_none=True)
+    module.losses(batch)[0]["task"].backward()
+    for name in ("g_a", "g_s"):
+        grads = [p.grad for n, p in module.codec.named_parameters() if n.startswith(name)]
+        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, name
+
+
+@pytest.mark.unit
+def test_a_frozen_codec_gets_no_gradient_anywhere(models, pair_shards, eval_dir):
+    module, batch = module_and_batch(models, pair_shards, eval_dir, "train_codec=false")
+    groups, aux = module.parameter_groups()
+    assert aux == [] and not {id(p) for g in groups for p in g["params"]} & {id(p) for p in module.codec.parameters()}
+    terms, aux_loss = module.losses(batch)
+    (terms["loss"] + aux_loss).backward()
+    assert [n for n, p in module.codec.named_parameters() if p.grad is not None] == []
+    assert any(p.grad is not None for p in module.controller.parameters())
+
+
+@pytest.mark.unit
+def test_the_codec_gets_the_degraded_image_and_the_restorer_trains_on_the_decoded_file(models, pair_shards, eval_dir):
+    from pl_modules.bitstream import decode_image, encode_image
+
+    module, batch = module_and_batch(models, pair_shards, eval_dir)
+    seen = {}
+    module.codec.register_forward_pre_hook(lambda m, args: seen.setdefault("codec_input", args[0]))
+    encode = module.prior.encode
+    module.prior.encode = lambda image: seen.setdefault("condition", image) is not None and encode(image)
+    module.train()
+    terms, _ = module.losses(batch)
+    assert torch.equal(seen["codec_input"], batch["degraded"])
+    restorer_input = seen["condition"].detach()
+    assert terms["distortion"].item() == pytest.approx(torch.mean((restorer_input - batch["degraded"]) ** 2).item())
+    module.codec.eval().update(force=True)
+    with torch.no_grad():
+        decoded = torch.cat([decode_image(module.codec, encode_image(module.codec, x[None], "id"), "id")
+                             for x in batch["degraded"]])
+    # The same 8-bit image, but for float noise landing on the other side of a rounding step.
+    assert (restorer_input - decoded).abs().max() <= 1 / 255 + 1e-6
+    assert (restorer_input == decoded).float().mean() > 0.999
+
+
+# train/loss every 2 steps of 12 LL-ICM steps after the shared tiny stage 1, recorded when the restorer
+# began training on the decoded file's image (straight-through rounding, 8 bits) with β derived from λ.
+GOLDEN_LLICM = [1.3811835, 1.4037081, 1.2907330, 1.0715075, 1.2708395, 1.2704496]
 
 
 @pytest.mark.stage
@@ -91,6 +172,8 @@ def test_stage2_chains_from_stage1_in_a_pipeline_and_hands_over_adapters_alone(c
     spec, tmp_path, (codec_final, restore_final, baseline_final) = chained
     manifest = read_manifest(restore_final, expect_stage="stage2-llicm")
     assert manifest.parent_weights == read_manifest(codec_final).weights
+    # β derived from the parent's λ; through the tiny prior's VAE only α's MSE counts: α/(λ·255²).
+    assert manifest.params["beta"] == pytest.approx(1 / (read_manifest(codec_final).params["lmbda"] * 255**2))
     assert set(manifest.weights) == {"codec.safetensors", LORA_FILE, CONV_IN_FILE, CONTROLLER_FILE}
     for key in ("val/all/bpp", "val/all/psnr", "val/denoise/psnr", "val/dehaze/accuracy"):
         assert key in manifest.metrics, key
@@ -152,17 +235,34 @@ def test_codec_commands_work_for_a_restorer_and_its_file_names_the_whole_decoder
 
 @pytest.mark.chain
 def test_evaluate_scores_restorers_per_task_against_the_clean_image(chained, eval_dir, tmp_path):
+    from datamodules.degradations import degrade
+    from datamodules.images import centre_crop, list_images, load_rgb, to_tensor
+    from evaluation.paired import read_rows
+    from pl_modules.bitstream import round_trip
+    from pl_modules.finals import load_final
+    from pl_modules.losses import psnr
+
     _, _, (_, restore_final, baseline_final) = chained
     curves = run(EvaluateConfig(images=str(eval_dir), classical=[], metrics=["psnr"], tasks=["denoise", "dehaze"],
-                                restorers=[f"llicm={restore_final}", f"baseline={baseline_final}"], max_images=1, restore_crop=64,
-                                fid_kid=False, out_dir=str(tmp_path / "out")))
+                                restorers=[f"llicm={restore_final}", f"baseline={baseline_final}"], max_images=1,
+                                restore_crop=64, restore_seeds=2, fid_kid=False, out_dir=str(tmp_path / "out")))
     assert set(curves) == {f"{name}-{task}{suffix}" for name in ("llicm", "baseline") for task in ("denoise", "dehaze")
                            for suffix in ("", "-decoded")}
     assert curves["llicm-denoise"]["results"]["bpp"] == curves["llicm-denoise-decoded"]["results"]["bpp"]
-    assert curves["llicm-denoise"]["results"]["psnr-rgb"] != curves["llicm-denoise-decoded"]["results"]["psnr-rgb"]
     for curve in curves.values():
         assert len(curve["results"]["bpp"]) == 1 and 0 < curve["results"]["bpp"][0] < 10
-        assert 0 < curve["results"]["psnr-rgb"][0] < 60
+    # Recomputed by hand: the image degraded with its index as seed, coded, restored with both
+    # sampling seeds, each scored against the clean crop and averaged.
+    final = load_final(restore_final, need_codec=True)
+    clean = centre_crop(load_rgb(list_images(eval_dir)[0]), 64)
+    target = to_tensor(clean).unsqueeze(0)
+    degraded = to_tensor(degrade(clean, "dehaze", 0)).unsqueeze(0)
+    _, decoded = round_trip(final.model.codec, degraded, final.decoder_id)
+    restored = [final.model.restore(decoded, seed)[0] for seed in (0, 1)]
+    row = next(iter(read_rows(tmp_path / "out" / "per_image.csv")[("llicm-dehaze", str(final.setting))].values()))
+    assert row["psnr"] == pytest.approx(sum(psnr(r, target) for r in restored) / 2, abs=1e-6)
+    assert row["psnr"] != pytest.approx(sum(psnr(r, degraded) for r in restored) / 2, abs=0.01)
+    assert curves["llicm-dehaze-decoded"]["results"]["psnr-rgb"][0] == pytest.approx(psnr(decoded, target), abs=1e-6)
     assert (tmp_path / "out" / "llicm-denoise.json").is_file()
     with pytest.raises(ValueError, match="name=path/to/final"):
         run(EvaluateConfig(images=str(eval_dir), classical=[], metrics=["psnr"], restorers=[str(restore_final)],
