@@ -170,7 +170,8 @@ def run_command(args) -> None:
         elif args.command == "pipeline":
             from stages import pipeline
 
-            pipeline.run(cfg, args.from_stage, args.until_stage, tuple(args.force))
+            launch = pipeline.submit_to_slurm if cfg.launcher == "slurm" else pipeline.run
+            launch(cfg, args.from_stage, args.until_stage, tuple(args.force))
         elif args.command == "evaluate":
             from evaluation import evaluate
 

@@ -2,6 +2,7 @@
 ones resume from their own last.ckpt, and every stage's config is validated before any runs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,10 +13,12 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from foundation.config import LAUNCH_KEYS, ConfigError, load_config
+from foundation.config import LAUNCH_KEYS, ConfigError, load_config, to_yaml
 from foundation.files import atomic_write_text
 from foundation.manifest import ManifestError, read_manifest
+from stages import slurm
 from stages.registry import STAGE_KINDS
+from stages.slurm import SlurmConfig
 from stages.trainer import last_checkpoint
 
 PLACEMENT_KEYS = ("run", "output_root", "name", "init_from")
@@ -50,8 +53,16 @@ class PipelineConfig:
     """Folder holding every run."""
     stages: list[PipelineStage] = field(default_factory=list)
     """The stages, in the order they run."""
+    launcher: str = "local"
+    """local: run here (or under torchrun/srun already); slurm: write <output_root>/<run>/pipeline.sbatch
+    (and with submit=true, submit it), the trainer keys set to match slurm.*."""
+    submit: bool = False
+    """With launcher=slurm, call sbatch on the written script."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def __post_init__(self) -> None:
+        if self.launcher not in ("local", "slurm"):
+            raise ConfigError(f"launcher must be local or slurm, got '{self.launcher}'")
         if not self.stages:
             raise ConfigError("a pipeline needs at least one entry in stages")
         names = [s.name for s in self.stages]
@@ -159,6 +170,27 @@ def _computation(cfg) -> dict:
     for key in LAUNCH_KEYS:
         plain.get("trainer", {}).pop(key, None)
     return plain
+
+
+def submit_to_slurm(pipeline: PipelineConfig, from_stage: str | None = None, until_stage: str | None = None,
+                    force: tuple[str, ...] = ()) -> Path:
+    """Write the run's resolved pipeline (launcher=local, trainer keys matching ``slurm``) and a
+    batch script that runs it on every task; submit it when ``submit``. The same command resumes
+    after a requeue: finished stages are skipped, the interrupted one continues from last.ckpt."""
+    if force:
+        raise ConfigError("--force removes stage folders, which a queued multi-rank job cannot do safely: "
+                          "run it here first with --until-stage, then submit")
+    run_dir = (Path(pipeline.output_root) / pipeline.run).resolve()
+    local = dataclasses.replace(pipeline, launcher="local", submit=False, output_root=str(Path(pipeline.output_root).resolve()),
+                                overrides=[*pipeline.overrides, *slurm.trainer_overrides(pipeline.slurm)])
+    plan(local)  # every stage validates before anything is queued
+    atomic_write_text(run_dir / "pipeline.yaml", to_yaml(local))
+    command = ["pipeline", "-c", str(run_dir / "pipeline.yaml")]
+    command += ["--from-stage", from_stage] if from_stage else []
+    command += ["--until-stage", until_stage] if until_stage else []
+    script = slurm.write_script(pipeline.slurm, pipeline.run, command, run_dir / "pipeline.sbatch")
+    slurm.launch(script, pipeline.submit)
+    return script
 
 
 def run(pipeline: PipelineConfig, from_stage: str | None = None, until_stage: str | None = None,

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,30 +14,10 @@ from foundation.config import ConfigError, load_config, to_yaml
 from foundation.files import atomic_write_text
 from foundation.manifest import ManifestError, read_manifest
 from pl_modules.finals import rate_setting
-from stages import pipeline
+from stages import pipeline, slurm
 from stages.pipeline import PipelineConfig
 from stages.registry import STAGE_KINDS
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class SlurmConfig:
-    nodes: int = 1
-    """Nodes per array task (each point is a full multi-node job)."""
-    gpus_per_node: int = 1
-    """GPUs per node; one task per GPU, as Lightning expects under SLURM."""
-    cpus_per_task: int = 8
-    """CPU cores per task, for the data loader workers."""
-    time: str = "24:00:00"
-    """Wall-clock limit per array task; Lightning requeues a preempted or timed-out task itself."""
-    partition: str = ""
-    """SLURM partition (empty: the cluster's default)."""
-    account: str = ""
-    """SLURM account (empty: none)."""
-    extra: list[str] = field(default_factory=list)
-    """More #SBATCH lines, e.g. '--constraint=h100'."""
-
+from stages.slurm import SlurmConfig
 
 @dataclass
 class SweepConfig:
@@ -118,47 +96,22 @@ def point_pipeline(sweep: SweepConfig, point: dict[str, Any]) -> PipelineConfig:
 def run(sweep: SweepConfig) -> None:
     configs = [point_pipeline(sweep, p) for p in points(sweep)]
     if sweep.launcher == "slurm":
-        slurm = sweep.slurm
         for cfg in configs:
-            cfg.overrides += [f"trainer.num_nodes={slurm.nodes}", f"trainer.devices={slurm.gpus_per_node}",
-                              "trainer.strategy=ddp", "trainer.progress_bar=false"]
+            cfg.overrides += slurm.trainer_overrides(sweep.slurm)
     points_dir = sweep.sweep_dir / "points"
     for index, cfg in enumerate(configs):
         atomic_write_text(points_dir / f"{index:03d}.yaml", to_yaml(cfg))
     if sweep.launcher == "slurm":
-        script = write_sbatch(sweep, len(configs))
-        print(f"wrote {script} for {len(configs)} points")
-        if sweep.submit:
-            import subprocess
-
-            subprocess.run(["sbatch", str(script)], check=True)
-        else:
-            print(f"submit with: sbatch {script}")
+        # Each array task is one point: a full (multi-node) pipeline run that resumes where it stopped.
+        point = f"{points_dir.resolve()}/$(printf %03d $SLURM_ARRAY_TASK_ID).yaml"
+        script = slurm.write_script(sweep.slurm, sweep.name, ["pipeline", "-c", point],
+                                    sweep.sweep_dir.resolve() / "sweep.sbatch", array=len(configs))
+        slurm.launch(script, sweep.submit)
         return
     for index, cfg in enumerate(configs):
         print(f"=== sweep {sweep.name}: point {index + 1}/{len(configs)}: {cfg.run}", flush=True)
         pipeline.run(cfg)
     aggregate(sweep)
-
-
-def write_sbatch(sweep: SweepConfig, count: int) -> Path:
-    slurm, sweep_dir = sweep.slurm, sweep.sweep_dir.resolve()
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={sweep.name}", f"#SBATCH --array=0-{count - 1}",
-             f"#SBATCH --nodes={slurm.nodes}", f"#SBATCH --ntasks-per-node={slurm.gpus_per_node}",
-             f"#SBATCH --gpus-per-node={slurm.gpus_per_node}", f"#SBATCH --cpus-per-task={slurm.cpus_per_task}",
-             f"#SBATCH --time={slurm.time}", "#SBATCH --signal=SIGUSR1@90", "#SBATCH --requeue",
-             f"#SBATCH --output={sweep_dir}/logs/%A_%a.out"]
-    lines += [f"#SBATCH --partition={slurm.partition}"] if slurm.partition else []
-    lines += [f"#SBATCH --account={slurm.account}"] if slurm.account else []
-    lines += [f"#SBATCH {line}" for line in slurm.extra]
-    lines += ["", "# Each array task is one point: a full (multi-node) pipeline run that resumes where it stopped.",
-              f'point=$(printf "%03d" "$SLURM_ARRAY_TASK_ID")',
-              f"srun {shlex.quote(sys.executable)} {REPO_ROOT / 'train.py'} pipeline "
-              f'-c "{sweep_dir}/points/$point.yaml"', ""]
-    (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
-    script = sweep_dir / "sweep.sbatch"
-    atomic_write_text(script, "\n".join(lines))
-    return script
 
 
 def aggregate(sweep: SweepConfig) -> Path:

@@ -125,6 +125,39 @@ def test_slurm_launcher_writes_a_job_array_of_full_pipeline_runs(tmp_path, shard
     assert not any((tmp_path / "sweeps" / "lam").glob("*/codec"))  # nothing trained here
 
 
+def test_slurm_settings_choose_tasks_devices_and_script_lines(tmp_path, monkeypatch):
+    from stages.slurm import SlurmConfig, trainer_overrides, write_script
+
+    cpu = load_config(SlurmConfig, overrides=["gpus_per_node=0", "nodes=2", "mem=16G", "qos=low", "cpus_per_task=4"])
+    assert cpu.tasks == 1 and trainer_overrides(cpu)[:4] == [
+        "trainer.num_nodes=2", "trainer.devices=1", "trainer.accelerator=cpu", "trainer.strategy=ddp"]
+    script = write_script(cpu, "j", ["pipeline", "-c", "a b.yaml"], tmp_path / "j.sbatch").read_text()
+    assert "--gpus-per-node" not in script and "#SBATCH --mem=16G" in script and "#SBATCH --qos=low" in script
+    assert "#SBATCH --ntasks-per-node=1" in script and "--array" not in script and "pipeline -c 'a b.yaml'" in script
+    assert load_config(SlurmConfig, overrides=["gpus_per_node=0", "tasks_per_node=3"]).tasks == 3
+    single = load_config(SlurmConfig, overrides=["gpus_per_node=1"])
+    assert "trainer.strategy=auto" in trainer_overrides(single) and "trainer.accelerator=gpu" in trainer_overrides(single)
+    with pytest.raises(ConfigError, match="tasks_per_node=2 on nodes with 4 GPUs"):
+        load_config(SlurmConfig, overrides=["gpus_per_node=4", "tasks_per_node=2"])
+
+
+def test_a_single_pipeline_is_written_as_a_batch_job_and_submit_needs_sbatch(tmp_path, shard_dir, eval_dir,
+                                                                             monkeypatch, capsys):
+    from train import main
+
+    pipe = pipeline_yaml(tmp_path / "p.yaml", shard_dir, eval_dir, finetune=False)
+    assert main(["pipeline", "-c", str(pipe), "launcher=slurm", "slurm.gpus_per_node=2", "--until-stage", "codec"]) == 0
+    run_dir = tmp_path / "runs" / "p"
+    script = (run_dir / "pipeline.sbatch").read_text()
+    assert f"pipeline -c {run_dir / 'pipeline.yaml'} --until-stage codec" in script
+    assert "#SBATCH --gpus-per-node=2" in script and "#SBATCH --ntasks-per-node=2" in script
+    assert "submit with: sbatch" in capsys.readouterr().out and not (run_dir / "codec").exists()
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    assert main(["pipeline", "-c", str(pipe), "launcher=slurm", "submit=true"]) == 2
+    assert "sbatch is not on this machine's PATH" in capsys.readouterr().err
+    assert main(["pipeline", "-c", str(pipe), "launcher=slurm", "--force", "codec"]) == 2
+
+
 def test_a_zipped_grid_moves_keys_together_and_refuses_uneven_lists(tmp_path, shard_dir, eval_dir):
     pipe = pipeline_yaml(tmp_path / "p.yaml", shard_dir, eval_dir, finetune=False)
     grid = {"codec.lmbda": [0.001, 0.01, 0.1], "codec.codec.N": [32, 48, 64]}
