@@ -8,6 +8,8 @@ from pathlib import Path
 
 CONFIG_EPILOG = "config keys (set with key=value; YAML files given with -c are merged first):\n"
 EXIT_CONFIG, EXIT_FAILED = 2, 1
+EXIT_REQUEUED = 3
+"""Stopped on SIGUSR1 after saving last.ckpt (and requeued under SLURM): the same command resumes."""
 
 
 def schema_help(schema) -> str:
@@ -202,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     from foundation.config import ConfigError
     from foundation.manifest import ManifestError
     from pl_modules.bitstream import BitstreamError
+    from stages.trainer import PeerLost, Requeued
 
     args = build_parser().parse_args(argv)
     try:
@@ -212,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     except (BitstreamError, ManifestError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
+    except PeerLost as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except Requeued as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        return EXIT_REQUEUED
     return 0
 
 

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 # Trainer settings that change how a stage runs, not what it computes: a finished stage is not
 # out of date because it would now run on more devices or without a progress bar.
-LAUNCH_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "progress_bar", "log_every")
+LAUNCH_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "progress_bar", "log_every", "ddp_timeout_s")
 
 
 PRECISIONS = ("32-true", "bf16-mixed")
@@ -57,9 +57,12 @@ class TrainerConfig:
     """Seed of everything random: weights, data order, crops, quantisation noise."""
     progress_bar: bool = True
     """Show a progress bar (switch off for batch jobs whose logs are files)."""
+    ddp_timeout_s: int = 600
+    """Under DDP, a rank whose peer died or which cannot reach the master fails after this many
+    seconds (rendezvous and every collective) instead of torch's 30 minutes."""
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "val_every", "checkpoint_every", "log_every"):
+        for name in ("max_steps", "val_every", "checkpoint_every", "log_every", "ddp_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"trainer.{name} must be positive, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:

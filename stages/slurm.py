@@ -70,7 +70,8 @@ def write_script(slurm: SlurmConfig, job_name: str, command: list[str], path: Pa
              f"#SBATCH --ntasks-per-node={slurm.tasks}", f"#SBATCH --cpus-per-task={slurm.cpus_per_task}",
              f"#SBATCH --time={slurm.time}",
              "#SBATCH --signal=SIGUSR1@90   # Lightning saves a checkpoint and requeues the job on it",
-             "#SBATCH --requeue", f"#SBATCH --output={log_dir}/{'%A_%a' if array else '%j'}.out"]
+             "#SBATCH --requeue", f"#SBATCH --output={log_dir}/{'%A_%a' if array else '%j'}.out",
+             "#SBATCH --open-mode=append     # a requeued job keeps the log of its first run"]
     lines += [f"#SBATCH --array=0-{array - 1}"] if array else []
     lines += [f"#SBATCH --gpus-per-node={slurm.gpus_per_node}"] if slurm.gpus_per_node else []
     lines += [f"#SBATCH --{key}={getattr(slurm, key)}" for key in ("mem", "partition", "account", "qos")

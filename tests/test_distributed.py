@@ -113,3 +113,19 @@ def test_a_half_written_final_is_not_taken_as_finished(tmp_path, garbage, shard_
     final.mkdir(parents=True)
     (final / "manifest.json").write_bytes(garbage)
     assert not pipeline.finished(pipeline.plan(load_config(PipelineConfig, [spec]))[0])
+
+
+def test_a_rank_whose_peer_never_comes_fails_within_the_configured_timeout_naming_it(tmp_path, shard_dir, eval_dir):
+    """Rank 0 of two, alone: it must give up after trainer.ddp_timeout_s, not torch's 30 minutes."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
+           "RANK": "0", "LOCAL_RANK": "0", "NODE_RANK": "0"}
+    start = time.monotonic()
+    result = subprocess.run([*TRAIN, "stage1", *overrides(shard_dir, eval_dir, tmp_path, "trainer.strategy=ddp",
+                                                          "trainer.num_nodes=2", "trainer.devices=1",
+                                                          "trainer.ddp_timeout_s=5")],
+                            capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: rank 0: a peer died or could not be reached (master 127.0.0.1:"), last
+    assert "trainer.ddp_timeout_s=5 s" in last
+    assert time.monotonic() - start < 120

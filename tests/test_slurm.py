@@ -3,6 +3,7 @@ started for these tests and removed after them; skipped, saying why, where it ca
 import json
 
 import pytest
+import torch
 import yaml
 
 from slurm_cluster import Cluster, unavailable
@@ -74,3 +75,37 @@ def test_a_pipeline_on_two_nodes_trains_with_ddp_over_gloo_and_writes_one_final(
     assert "MEMBER: 1/2" in log and "MEMBER: 2/2" in log  # two ranks, one per node
     assert read_manifest(run_dir / "codec" / "final", expect_stage="stage1").metrics["val/bpp"] > 0
     assert [p.name for p in run_dir.glob("*/final")] == ["final"]
+
+
+def test_sigusr1_mid_stage_saves_requeues_and_ends_on_the_uninterrupted_weights(slurm_env, tmp_path, shard_dir,
+                                                                               eval_dir, capsys):
+    """Two identical jobs side by side (one per node); the first gets SLURM's pre-timeout signal."""
+    import time
+
+    from safetensors.torch import load_file
+
+    from train import main
+
+    jobs = {}
+    for name in ("straight", "signalled"):
+        (tmp_path / name).mkdir()
+        pipe = pipeline_yaml(tmp_path / name / "p.yaml", shard_dir, eval_dir, finetune=False)
+        spec = yaml.safe_load(pipe.read_text())
+        spec["stages"][0]["overrides"] += ["trainer.max_steps=60", "trainer.val_every=60", "trainer.checkpoint_every=1000"]
+        pipe.write_text(yaml.safe_dump(spec))
+        assert main(["pipeline", "-c", str(pipe), "launcher=slurm", "submit=true", *CPU_JOB]) == 0
+        jobs[name] = submitted_job(capsys.readouterr().out)
+    stage = tmp_path / "signalled" / "runs" / "p" / "codec"
+    deadline = time.monotonic() + 300
+    while not any(p.stat().st_size > 200 for p in stage.glob("tb/events*")):  # a few steps logged
+        assert time.monotonic() < deadline, slurm_env.job_states(jobs["signalled"])
+        time.sleep(0.5)
+    slurm_env.run("scancel", "--signal=USR1", jobs["signalled"])
+    for name, job in jobs.items():
+        ended(slurm_env, job, tmp_path / name / "runs" / "p" / "logs")
+    assert "Restarts=1" in slurm_env.run("scontrol", "show", "job", jobs["signalled"]).stdout
+    log = "".join(p.read_text() for p in (tmp_path / "signalled" / "runs" / "p" / "logs").glob("*.out"))
+    assert "stopped: SIGUSR1: saved" in log and "requeued" in log and "resuming from" in log
+    straight, resumed = (load_file(tmp_path / n / "runs" / "p" / "codec" / "final" / "codec.safetensors")
+                         for n in ("straight", "signalled"))
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -1,5 +1,8 @@
 """Stage 1 end to end on tiny configs: training, manifest, resume, real bitstreams, the codec CLI."""
 
+import os
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -96,6 +99,35 @@ def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tmp_
         assert torch.equal(a[key], b[key]), key
     state = torch.load(cfg.stage_dir / "last.ckpt", weights_only=False)
     assert [o["state"][0]["step"].item() for o in state["optimizer_states"]] == [16.0, 16.0]
+
+
+class SignalAt(Callback):
+    """SLURM's pre-timeout SIGUSR1, delivered to this process at the end of a step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+@pytest.mark.fault
+def test_sigusr1_saves_at_the_step_boundary_stops_without_a_final_and_resumes_bit_identically(
+        tmp_path, shard_dir, eval_dir, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    overrides = ("trainer.max_steps=12", "trainer.checkpoint_every=100", "trainer.val_every=12",
+                 "data.val_max_images=1")
+    straight = stage1.run(tiny_stage1(tmp_path / "a", shard_dir, eval_dir, *overrides))
+    cfg = tiny_stage1(tmp_path / "b", shard_dir, eval_dir, *overrides)
+    with pytest.raises(trainer_module.Requeued, match=r"saved .*last.ckpt at step 5; the same command resumes"), \
+            trainer_module.extra_callbacks(SignalAt(5)):
+        stage1.run(cfg)
+    assert torch.load(cfg.stage_dir / "last.ckpt", weights_only=False)["global_step"] == 5
+    assert not (cfg.stage_dir / "final").exists()
+    resumed = stage1.run(cfg)
+    a, b = load_file(straight / "codec.safetensors"), load_file(resumed / "codec.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.stage
