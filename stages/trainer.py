@@ -60,10 +60,16 @@ class SaveAndRequeueOnSignal(Callback):
 
     def __init__(self):
         self.signalled = False
+        self.previous = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGUSR1, self._on_signal)
+            self.previous = signal.signal(signal.SIGUSR1, self._on_signal)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGUSR1, self.previous)
+            self.previous = None
 
     def _on_signal(self, signum, frame) -> None:
         self.signalled = True
@@ -73,14 +79,19 @@ class SaveAndRequeueOnSignal(Callback):
             return
         path = Path(trainer.default_root_dir) / LAST
         trainer.save_checkpoint(path)
-        job = os.environ.get("SLURM_ARRAY_JOB_ID") and f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-        job = job or os.environ.get("SLURM_JOB_ID")
-        requeued = ""
+        job, requeued = _slurm_job_id(), ""
         if job and trainer.is_global_zero:
             result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
             requeued = (f"; job {job} requeued" if result.returncode == 0
                         else f"; scontrol requeue {job} failed: {result.stderr.strip()}")
         raise Requeued(f"SIGUSR1: saved {path} at step {trainer.global_step}{requeued}; the same command resumes")
+
+
+def _slurm_job_id() -> str | None:
+    """What ``scontrol requeue`` takes: the job, or the array task (``<array job>_<task>``)."""
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
 
 
 def build_trainer(cfg: TrainerConfig, stage_dir: str | Path) -> L.Trainer:
