@@ -91,7 +91,7 @@ def test_sigusr1_mid_stage_saves_requeues_and_ends_on_the_uninterrupted_weights(
         (tmp_path / name).mkdir()
         pipe = pipeline_yaml(tmp_path / name / "p.yaml", shard_dir, eval_dir, finetune=False)
         spec = yaml.safe_load(pipe.read_text())
-        spec["stages"][0]["overrides"] += ["trainer.max_steps=60", "trainer.val_every=60", "trainer.checkpoint_every=1000"]
+        spec["stages"][0]["overrides"] += ["trainer.max_steps=30", "trainer.val_every=30", "trainer.checkpoint_every=1000"]
         pipe.write_text(yaml.safe_dump(spec))
         assert main(["pipeline", "-c", str(pipe), "launcher=slurm", "submit=true", *CPU_JOB]) == 0
         jobs[name] = submitted_job(capsys.readouterr().out)
