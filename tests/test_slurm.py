@@ -91,21 +91,16 @@ def test_sigusr1_mid_stage_saves_requeues_and_ends_on_the_uninterrupted_weights(
         (tmp_path / name).mkdir()
         pipe = pipeline_yaml(tmp_path / name / "p.yaml", shard_dir, eval_dir, finetune=False)
         spec = yaml.safe_load(pipe.read_text())
-        spec["stages"][0]["overrides"] += ["trainer.max_steps=60", "trainer.val_every=60", "trainer.checkpoint_every=10"]
+        spec["stages"][0]["overrides"] += ["trainer.max_steps=60", "trainer.val_every=60", "trainer.checkpoint_every=1000"]
         pipe.write_text(yaml.safe_dump(spec))
         assert main(["pipeline", "-c", str(pipe), "launcher=slurm", "submit=true", *CPU_JOB]) == 0
         jobs[name] = submitted_job(capsys.readouterr().out)
     stage = tmp_path / "signalled" / "runs" / "p" / "codec"
     deadline = time.monotonic() + 300
-    while not (stage / "last.ckpt").is_file():  # step 10 checkpointed: training, and its handler, are on
+    while not any(p.stat().st_size > 200 for p in stage.glob("tb/events*")):  # a few steps logged
         assert time.monotonic() < deadline, slurm_env.job_states(jobs["signalled"])
-        time.sleep(0.2)
+        time.sleep(0.5)
     slurm_env.run("scancel", "--signal=USR1", jobs["signalled"])
-    while slurm_env.job_states(jobs["signalled"]) != ["PENDING"]:  # requeued by the job itself
-        assert time.monotonic() < deadline, slurm_env.job_states(jobs["signalled"])
-        time.sleep(0.2)
-    # SLURM holds a requeued job back for about two minutes (Reason=BeginTime); a test need not wait.
-    slurm_env.run("scontrol", "update", f"JobId={jobs['signalled']}", "StartTime=now")
     for name, job in jobs.items():
         ended(slurm_env, job, tmp_path / name / "runs" / "p" / "logs")
     assert "Restarts=1" in slurm_env.run("scontrol", "show", "job", jobs["signalled"]).stdout
