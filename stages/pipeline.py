@@ -18,7 +18,7 @@ from foundation.files import atomic_write_text
 from foundation.manifest import ManifestError, read_manifest
 from stages import slurm
 from stages.registry import STAGE_KINDS
-from stages.slurm import SlurmConfig
+from stages.slurm import LaunchConfig
 from stages.trainer import last_checkpoint
 
 PLACEMENT_KEYS = ("run", "output_root", "name", "init_from")
@@ -44,7 +44,7 @@ class PipelineStage:
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(LaunchConfig):
     run: str = "default"
     """Run name: stages go to <output_root>/<run>/<stage name>/."""
     overrides: list[str] = field(default_factory=list)
@@ -53,16 +53,9 @@ class PipelineConfig:
     """Folder holding every run."""
     stages: list[PipelineStage] = field(default_factory=list)
     """The stages, in the order they run."""
-    launcher: str = "local"
-    """local: run here (or under torchrun/srun already); slurm: write <output_root>/<run>/pipeline.sbatch
-    (and with submit=true, submit it), the trainer keys set to match slurm.*."""
-    submit: bool = False
-    """With launcher=slurm, call sbatch on the written script."""
-    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def __post_init__(self) -> None:
-        if self.launcher not in ("local", "slurm"):
-            raise ConfigError(f"launcher must be local or slurm, got '{self.launcher}'")
+        super().__post_init__()
         if not self.stages:
             raise ConfigError("a pipeline needs at least one entry in stages")
         names = [s.name for s in self.stages]

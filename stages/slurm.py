@@ -54,6 +54,22 @@ class SlurmConfig:
         return self.tasks_per_node or max(self.gpus_per_node, 1)
 
 
+@dataclass
+class LaunchConfig:
+    """Where a run (a pipeline, or each point of a sweep) runs; both schemas take these keys."""
+
+    launcher: str = "local"
+    """local: run here (or under torchrun/srun already); slurm: write a batch script (a job array for a
+    sweep), the trainer keys set to match slurm.*, and with submit=true submit it."""
+    submit: bool = False
+    """With launcher=slurm, call sbatch on the written script."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def __post_init__(self) -> None:
+        if self.launcher not in ("local", "slurm"):
+            raise ConfigError(f"launcher must be local or slurm, got '{self.launcher}'")
+
+
 def trainer_overrides(slurm: SlurmConfig) -> list[str]:
     """The trainer keys every stage of a run launched as ``slurm`` says must take."""
     world = slurm.nodes * slurm.tasks

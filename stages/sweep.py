@@ -17,10 +17,10 @@ from pl_modules.finals import rate_setting
 from stages import pipeline, slurm
 from stages.pipeline import PipelineConfig
 from stages.registry import STAGE_KINDS
-from stages.slurm import SlurmConfig
+from stages.slurm import LaunchConfig
 
 @dataclass
-class SweepConfig:
+class SweepConfig(LaunchConfig):
     name: str = "???"
     """Sweep name: runs go to <output_root>/<name>/<point>/."""
     pipeline: str = "???"
@@ -38,15 +38,9 @@ class SweepConfig:
     (keys that move with λ, such as a later stage's distortion weight or CompressAI's N and M)."""
     rd_stage: str = ""
     """Stage whose manifest metrics make the RD points (empty: the pipeline's last stage)."""
-    launcher: str = "local"
-    """local: run the points here, one after another; slurm: write (and with submit=true, submit) a job array."""
-    submit: bool = False
-    """With launcher=slurm, call sbatch on the written script."""
-    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def __post_init__(self) -> None:
-        if self.launcher not in ("local", "slurm"):
-            raise ConfigError(f"launcher must be local or slurm, got '{self.launcher}'")
+        super().__post_init__()
         if self.combine not in ("product", "zip"):
             raise ConfigError(f"combine must be product or zip, got '{self.combine}'")
         if self.combine == "zip" and len({len(v) for v in self.grid.values()}) > 1:
