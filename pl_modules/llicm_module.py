@@ -47,6 +47,10 @@ class LLICMConfig(ModuleConfig):
     """Weight of the rate R in bpp; null: derived from the parent's λ so that the codec keeps its
     trade-off, β = (α + 4γ)/(λ·255²) for the residual pixel prior, α/(λ·255²) otherwise
     (pl_modules/losses.py::matched_rate_weight says what that rests on); judge it by the bpp."""
+    beta_scale: float = 1.0
+    """Multiplier on the derived β (beta null). The formula holds at the restorer's identity start
+    only; a codec trained jointly for the task spends more bits than it predicts, so rate-matched
+    comparisons raise this until the measured bpp matches the parent's (docs/results.md)."""
     gamma: float = 1.0
     """Weight of the diffusion loss toward the ideal (clean) image."""
     eight_bit: bool = True

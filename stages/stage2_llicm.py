@@ -27,18 +27,24 @@ class Stage2LLICMConfig(LLICMConfig, StageConfig):
 
 
 def rate_weight(cfg: Stage2LLICMConfig, parent: Manifest) -> float:
-    """β as set, or derived from the parent's λ (pl_modules/losses.py::matched_rate_weight)."""
+    """β as set, or derived from the parent's λ (pl_modules/losses.py::matched_rate_weight) times beta_scale."""
     if cfg.beta is not None:
+        if cfg.beta_scale != 1.0:
+            raise ConfigError(f"beta_scale: scales the derived β only, and beta is set ({cfg.beta}); drop one")
         return cfg.beta
+    if cfg.beta_scale <= 0:
+        raise ConfigError(f"beta_scale: must be positive, got {cfg.beta_scale}")
     if parent.params.get("distortion") != "mse":
         raise ConfigError(f"beta: derived only from an MSE-trained parent, {cfg.init_from} was trained on "
                           f"{parent.params.get('distortion')}; set beta")
     lmbda = parent.params["lmbda"]
     try:
-        beta = matched_rate_weight(lmbda, cfg.alpha, cfg.gamma, cfg.prior.residual and not cfg.prior.vae)
+        beta = cfg.beta_scale * matched_rate_weight(lmbda, cfg.alpha, cfg.gamma,
+                                                    cfg.prior.residual and not cfg.prior.vae)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    rank_zero_info(f"beta = {beta:.6g}: derived from the parent's λ = {lmbda} (alpha={cfg.alpha}, gamma={cfg.gamma})")
+    rank_zero_info(f"beta = {beta:.6g}: derived from the parent's λ = {lmbda} "
+                   f"(alpha={cfg.alpha}, gamma={cfg.gamma}, beta_scale={cfg.beta_scale})")
     return beta
 
 

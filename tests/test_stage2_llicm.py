@@ -71,7 +71,12 @@ def test_beta_is_derived_from_an_mse_parent_or_refused_in_one_line(models, pair_
     assert rate_weight(cfg, parent) == pytest.approx(1 / (0.0067 * 255**2))  # through a VAE: α alone
     cfg.prior.vae, cfg.prior.residual = False, True  # the residual pixel prior: α + 4γ
     assert rate_weight(cfg, parent) == pytest.approx(2 / (0.0067 * 255**2))
+    cfg.beta_scale = 3.0  # a calibration of the derived β against the measured bpp
+    assert rate_weight(cfg, parent) == pytest.approx(6 / (0.0067 * 255**2))
     cfg.beta = 0.5
+    with pytest.raises(ConfigError, match="beta_scale: scales the derived β only"):
+        rate_weight(cfg, parent)
+    cfg.beta_scale = 1.0
     assert rate_weight(cfg, parent) == 0.5
     cfg.beta = None
     with pytest.raises(ConfigError, match="derived only from an MSE-trained parent"):
