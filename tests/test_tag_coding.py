@@ -1,0 +1,71 @@
+"""Tags coded losslessly as a k-subset of the vocabulary: exact round trips, bit counts that equal
+the formula, the empty set, and one-line refusals."""
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+from pl_modules.tag_coding import (TagError, Vocabulary, decode_tags, encode_tags, fixed_length_bits, rank_bits,
+                                   subset_rank, subset_unrank, tag_set_bits)
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.unit
+
+
+def test_subset_ranks_are_the_combinatorial_number_system_by_hand():
+    assert subset_rank([0, 1, 2]) == 0  # the first 3-subset
+    assert subset_rank([3]) == 3
+    assert subset_rank([1, 3]) == 1 + 3  # C(1,1) + C(3,2)
+    # every 2-subset of 5 gets a distinct rank in 0..C(5,2)-1, and unranks back
+    pairs = [[a, b] for b in range(5) for a in range(b)]
+    assert sorted(subset_rank(p) for p in pairs) == list(range(math.comb(5, 2)))
+    assert all(subset_unrank(subset_rank(p), 2) == p for p in pairs)
+
+
+def test_payloads_by_hand():
+    vocabulary = Vocabulary([f"t{i}" for i in range(80)])
+    assert encode_tags([], vocabulary) == bytes([0b1000_0000])  # γ(1) = 1, no rank bits
+    # γ(2) = 010, then rank 3 in ⌈log2 80⌉ = 7 bits = 0000011, padded with zeros
+    assert encode_tags(["t3"], vocabulary) == bytes([0b0100_0000, 0b1100_0000])
+    assert decode_tags(bytes([0b0100_0000, 0b1100_0000]), vocabulary) == ["t3"]
+    assert decode_tags(bytes([0b1000_0000]), vocabulary) == []
+
+
+@pytest.mark.parametrize("size,ks", [(80, [0, 1, 2, 5, 40, 80]), (4585, [0, 1, 3, 10, 30])])
+def test_random_sets_round_trip_in_exactly_the_formulas_bytes(size, ks):
+    vocabulary = Vocabulary([f"tag {i}" for i in range(size)])
+    rng = random.Random(0)
+    for k in ks:
+        for _ in range(20):
+            tags = rng.sample(vocabulary.names, k)
+            payload = encode_tags(tags, vocabulary)
+            assert decode_tags(payload, vocabulary) == sorted(tags, key=vocabulary.index.get)
+            assert len(payload) == math.ceil(tag_set_bits(size, k) / 8)
+        gamma = 2 * math.floor(math.log2(k + 1)) + 1
+        assert tag_set_bits(size, k) == gamma + (math.ceil(math.log2(math.comb(size, k))) if k not in (0, size) else 0)
+
+
+def test_subset_coding_saves_the_order_and_the_rounding_of_fixed_length_indices():
+    # 10 tags of RAM++'s 4,585: 130 bits as 13-bit indices, ⌈log2 C(4585, 10)⌉ = 100 bits as a set;
+    # the 30 saved are log2 10! (the order, 21.8) plus 10·(13 − log2 4585) (the rounding, 8.4)
+    assert fixed_length_bits(4585, 10) == 130
+    assert rank_bits(4585, 10) == 100
+    saved = math.log2(math.factorial(10)) + 10 * (13 - math.log2(4585))
+    assert fixed_length_bits(4585, 10) - rank_bits(4585, 10) == pytest.approx(saved, abs=1)
+
+
+def test_a_tag_outside_the_vocabulary_is_refused_in_one_line():
+    vocabulary = Vocabulary.from_file(ROOT / "configs/tags/coco-80.txt")
+    assert len(vocabulary) == 80 and vocabulary.names[:2] == ["person", "bicycle"]
+    with pytest.raises(TagError, match=r"^tag 'lighthouse' is not in the vocabulary .*coco-80.txt \(80 tags\)$"):
+        encode_tags(["person", "lighthouse"], vocabulary)
+    with pytest.raises(TagError, match="lists 'a' twice"):
+        Vocabulary(["a", "b", "a"])
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x00", bytes([0b0100_0000, 0b1100_0001]), bytes([0b1000_0000, 0]),
+                                     bytes([0b0000_0001, 0xFF])])
+def test_a_damaged_payload_is_refused_not_decoded_into_other_tags(payload):
+    with pytest.raises(TagError, match="tag section does not decode"):
+        decode_tags(payload, Vocabulary([f"t{i}" for i in range(80)]))
