@@ -101,3 +101,33 @@ def test_the_matched_rate_weight_counts_the_distortion_that_reaches_the_codec():
     assert matched_rate_weight(0.0067, 1.0, 0.25, False) == pytest.approx(1 / 435.6675)
     with pytest.raises(ValueError, match="beta cannot be derived"):
         matched_rate_weight(0.0067, 0.0, 1.0, False)
+
+
+def test_semantic_consistency_against_hand_computed_values():
+    from pl_modules.losses import semantic_consistency
+
+    z = {"mid_block": torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)}
+    orthogonal = {"mid_block": torch.tensor([0.0, 1.0]).view(1, 2, 1, 1)}
+    assert semantic_consistency(z, orthogonal, "cosine").item() == pytest.approx(1.0)
+    assert semantic_consistency(z, orthogonal, "normalized_l2").item() == pytest.approx(2.0)  # ‖(-1, 1)‖² / ‖(1, 0)‖²
+    doubled = {"mid_block": 2 * z["mid_block"]}
+    assert semantic_consistency(z, doubled, "cosine").item() == pytest.approx(0.0)  # direction only
+    assert semantic_consistency(z, doubled, "normalized_l2").item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="distance must be one of"):
+        semantic_consistency(z, z, "l1")
+
+
+@pytest.mark.parametrize("distance", ["cosine", "normalized_l2"])
+def test_semantic_consistency_is_zero_for_equal_features_and_grows_with_the_perturbation(distance):
+    from pl_modules.losses import semantic_consistency
+
+    generator = torch.Generator().manual_seed(0)
+    target = {b: torch.randn(2, 8, 4, 4, generator=generator) for b in ("mid_block", "down_blocks.1")}
+    noise = {b: torch.randn(2, 8, 4, 4, generator=generator) for b in target}
+    values = [semantic_consistency(target, {b: target[b] + s * noise[b] for b in target}, distance).item()
+              for s in (0.0, 0.1, 0.5, 2.0)]
+    assert values[0] == pytest.approx(0.0, abs=1e-6)
+    assert values == sorted(values) and values[-1] > 10 * values[1]
+    perturbed = {b: (target[b] + noise[b]).requires_grad_() for b in target}
+    semantic_consistency({b: t.requires_grad_() for b, t in target.items()}, perturbed, distance).backward()
+    assert all(perturbed[b].grad.abs().sum() > 0 and target[b].grad is None for b in target)  # z's side is fixed
