@@ -11,7 +11,7 @@ from foundation.config import ModuleConfig
 from pl_modules.base import StageModule
 from pl_modules.bitstream import decode_image, encode_image, pad_to_multiple
 from pl_modules.codecs import (ARCHITECTURES, CODEC_FILE, CodecConfig, build_codec, codec_state, load_codec_weights,
-                               round_straight_through, split_parameters)
+                               require_pixel_codec, round_straight_through, split_parameters)
 from pl_modules.losses import MS_SSIM_MIN_SIDE, RD_LOSSES, bits_per_pixel, psnr
 from pl_modules.schedules import OptimConfig
 
@@ -43,6 +43,7 @@ class CodecModuleConfig(ModuleConfig):
             raise ValueError(f"distortion must be mse or ms-ssim, got '{self.distortion}'")
         if self.lmbda <= 0:
             raise ValueError(f"lmbda must be positive, got {self.lmbda}")
+        require_pixel_codec(self.codec.architecture, "stage 1")
         if self.straight_through and not ARCHITECTURES[self.codec.architecture].straight_through:
             raise ValueError(f"straight_through: {self.codec.architecture} quantises before its context model; "
                              f"use bmshj2018-hyperprior or mbt2018-mean, or straight_through=false")

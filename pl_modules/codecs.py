@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.hooks import RemovableHandle
 
 from pl_modules.bitstream import quantize_8bit
+from pl_modules.latent_codec import LATENT_CHANNELS, LatentMeanScaleHyperprior
 
 CODEC_FILE = "codec.safetensors"
 CODER_TABLES = {"_quantized_cdf", "_offset", "_cdf_length", "scale_table"}
@@ -60,12 +61,16 @@ register("mbt2018")(lambda N, M: JointAutoregressiveHierarchicalPriors(N, M))
 # Cheng et al. tie the latent width to N; M is ignored there, as in CompressAI's zoo.
 register("cheng2020-anchor")(lambda N, M: Cheng2020Anchor(N))
 register("cheng2020-attn")(lambda N, M: Cheng2020Attention(N))
+# On a diffusion VAE's latent (Diff-ICMH): 2× analysis, 8× in all, in latent pixels.
+register("latent-mean-hyperprior", pad_multiple=8, latent_stride=8, in_channels=LATENT_CHANNELS,
+         straight_through=True)(lambda N, M: LatentMeanScaleHyperprior(N, M))
 
 
 @dataclass
 class CodecConfig:
     architecture: str = "bmshj2018-hyperprior"
-    """CompressAI architecture: bmshj2018-factorized, bmshj2018-hyperprior, mbt2018-mean, mbt2018, cheng2020-anchor, cheng2020-attn."""
+    """CompressAI architecture: bmshj2018-factorized, bmshj2018-hyperprior, mbt2018-mean, mbt2018, cheng2020-anchor,
+    cheng2020-attn; latent-mean-hyperprior codes a 4-channel diffusion latent (Diff-ICMH), not pixels."""
     N: int = 128
     """Channels of the transforms."""
     M: int = 192
@@ -74,6 +79,13 @@ class CodecConfig:
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"codec.architecture '{self.architecture}' is not one of {sorted(ARCHITECTURES)}")
+
+
+def require_pixel_codec(architecture: str, who: str) -> None:
+    """Stages that code images refuse a codec of latents, in one line naming the key."""
+    if ARCHITECTURES[architecture].in_channels != 3:
+        raise ValueError(f"codec.architecture: {architecture} codes {ARCHITECTURES[architecture].in_channels}-channel "
+                         f"diffusion latents, not images; {who} needs a pixel codec")
 
 
 def build_codec(architecture: str, N: int, M: int) -> CompressionModel:

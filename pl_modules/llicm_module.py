@@ -18,7 +18,8 @@ from pl_modules.base import StageModule
 from pl_modules.bitstream import BitstreamError, Sampler, decode_image, encode_image
 from pl_modules.codec_module import IN_MEMORY_ID
 from pl_modules.codecs import (ARCHITECTURES, CODEC_FILE, CodecConfig, as_decoded, build_codec, codec_state,
-                               load_codec_weights, round_straight_through, split_parameters)
+                               load_codec_weights, require_pixel_codec, round_straight_through,
+                               split_parameters)
 from pl_modules.controller import DegradationController, FrozenClipImageEncoder
 from pl_modules.diffusion_prior import DiffusionPrior, DiffusionPriorConfig
 from pl_modules.losses import MS_SSIM_MIN_SIDE, bits_per_pixel, llicm_loss, psnr
@@ -65,6 +66,7 @@ class LLICMConfig(ModuleConfig):
     wants less than the modules that start from scratch. The schedule scales it too."""
 
     def __post_init__(self) -> None:
+        require_pixel_codec(self.codec.architecture, "LL-ICM")
         if not ARCHITECTURES[self.codec.architecture].straight_through:
             raise ValueError(f"codec.architecture: the restorer trains on the decoded image, which needs "
                              f"straight-through rounding (bmshj2018-hyperprior, mbt2018-mean), not "

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from pl_modules.codecs import (ARCHITECTURES, as_decoded, build_codec, load_codec_weights, register, round_straight_through,
-                               save_codec, split_parameters)
+from pl_modules.codecs import (ARCHITECTURES, CodecConfig, as_decoded, build_codec, load_codec_weights, register,
+                               round_straight_through, save_codec, split_parameters)
 
 pytestmark = pytest.mark.unit
 
@@ -104,3 +104,30 @@ def test_fast_training_settings_change_speed_not_the_model():
     assert torch.allclose(terms[0], terms[1], rtol=1e-3)
     with pytest.raises(Exception, match="straight_through: mbt2018 quantises before its context model"):
         load_config(CodecModuleConfig, overrides=["codec.architecture=mbt2018", "straight_through=true"])
+
+
+def test_the_latent_codec_round_trips_a_latent_unclamped_with_minimal_padding():
+    from pl_modules.bitstream import pad_to_multiple
+
+    torch.manual_seed(0)
+    codec = build_codec("latent-mean-hyperprior", 16, 24).eval()
+    codec.update(force=True)
+    latent = 3 * torch.randn(1, 4, 20, 28)  # a 160×224 image's SD latent; latents are not in [0, 1]
+    padded = pad_to_multiple(latent, codec.pad_multiple)
+    assert padded.shape[-2:] == (24, 32)  # to 8 latent pixels (64 image pixels), not 64 (512)
+    out = codec.compress(padded)
+    assert tuple(out["shape"]) == (24 // codec.latent_stride, 32 // codec.latent_stride)
+    decoded = codec.decompress(out["strings"], out["shape"])["x_hat"]
+    with torch.no_grad():
+        forward = codec(padded)["x_hat"]  # eval mode rounds as the decoder does
+    assert torch.allclose(decoded, forward, atol=1e-4)
+    assert decoded.min() < 0  # not clamped to an image's range
+    assert codec.decompress(out["strings"], out["shape"])["x_hat"].equal(decoded)  # deterministic
+
+
+def test_pixel_stages_refuse_the_latent_codec_in_one_line():
+    from pl_modules.codec_module import CodecModuleConfig
+
+    with pytest.raises(ValueError, match="codec.architecture: latent-mean-hyperprior codes 4-channel diffusion "
+                                         "latents, not images; stage 1 needs a pixel codec"):
+        CodecModuleConfig(codec=CodecConfig(architecture="latent-mean-hyperprior"))
