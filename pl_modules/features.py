@@ -136,10 +136,10 @@ class ClipFidelity:
             raise Unavailable(f"CLIP '{name_or_path}' is not available locally ({str(err).splitlines()[0][:120]})")
         with torch.no_grad():
             tokens = self.processor.tokenizer(list(self.PROMPTS), padding=True, return_tensors="pt")
-            self.text = F.normalize(self._features(self.model.get_text_features(**tokens)), dim=-1)
+            self.text = F.normalize(self.pooled(self.model.get_text_features(**tokens)), dim=-1)
 
     @staticmethod
-    def _features(output) -> torch.Tensor:
+    def pooled(output) -> torch.Tensor:
         # transformers 5 returns a model output; earlier versions a tensor.
         return output if isinstance(output, torch.Tensor) else output.pooler_output
 
@@ -147,7 +147,7 @@ class ClipFidelity:
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         pixels = self.processor.image_processor(images=list(x.clamp(0, 1)), return_tensors="pt",
                                                 do_rescale=False)["pixel_values"]
-        return F.normalize(self._features(self.model.get_image_features(pixel_values=pixels)), dim=-1)
+        return F.normalize(self.pooled(self.model.get_image_features(pixel_values=pixels)), dim=-1)
 
     def __call__(self, x_hat: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
         ours, theirs = self.embed(x_hat), self.embed(x)
