@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     from evaluation.evaluate import EvaluateConfig
     from pl_modules.bitstream import DEFAULT_MAX_PIXELS
     from evaluation.judge import JudgeConfig
+    from evaluation.tag_bits import TagBitsConfig
     from stages.pipeline import PipelineConfig
     from stages.preference_data import PreferenceShardsConfig
     from stages.quickstart import PRESET, QuickstartConfig
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_command(sub, "evaluate", EvaluateConfig,
                        "stage manifests and classical anchors on an image folder: RD JSONs, per-image CSV, plots")
     add_config_command(sub, "evaluate-judge", JudgeConfig, "agreement of judges with people on 2AFC pairs (BAPPS)")
+    add_config_command(sub, "tag-bits", TagBitsConfig,
+                       "bits of image tags as coded in the bitstream against fixed-length indices, over image folders")
     add_config_command(sub, "preference-shards", PreferenceShardsConfig,
                        "judged pairs from a stage-2 decoder into shards, for stage 3's offline mode")
     bd = sub.add_parser("bd-rate", help="BD-rate and BD-metric of RD JSONs against a reference")
@@ -182,6 +185,10 @@ def run_command(args) -> None:
             from evaluation import judge
 
             judge.run(cfg)
+        elif args.command == "tag-bits":
+            from evaluation import tag_bits
+
+            tag_bits.run(cfg)
         elif args.command == "preference-shards":
             from stages import preference_data
 

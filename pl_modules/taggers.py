@@ -88,9 +88,13 @@ class SidecarTags(Tagger):
 class ClipZeroShotTags(Tagger):
     def __init__(self, vocabulary: Vocabulary, model: str, top_k: int, threshold: float, template: str):
         from pl_modules.features import ClipFidelity
+        from pl_modules.metrics import Unavailable
 
         super().__init__(vocabulary)
-        self.clip = ClipFidelity(resolve_pretrained(model))
+        try:
+            self.clip = ClipFidelity(resolve_pretrained(model))
+        except Unavailable as err:
+            raise ValueError(f"tagger.model: {err}") from None
         self.top_k, self.threshold = top_k, threshold
         tokenizer = self.clip.processor.tokenizer
         with torch.no_grad():

@@ -69,3 +69,18 @@ def test_a_tag_outside_the_vocabulary_is_refused_in_one_line():
 def test_a_damaged_payload_is_refused_not_decoded_into_other_tags(payload):
     with pytest.raises(TagError, match="tag section does not decode"):
         decode_tags(payload, Vocabulary([f"t{i}" for i in range(80)]))
+
+
+def test_tag_bits_counts_a_real_folders_tag_sets_as_the_file_holds_them(tmp_path, capsys):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bits.json"
+    subprocess.run([sys.executable, str(ROOT / "train.py"), "tag-bits", "images=[../shared/data/kodak]", "max_images=3",
+                    "tagger.model=tiny-clip", "tagger.top_k=2", "tagger.threshold=0", f"out_json={out}"],
+                   check=True, cwd=ROOT, capture_output=True)
+    summary = json.loads(out.read_text())["summary"][0]
+    assert summary["images"] == 3 and summary["tags_per_image"] == 2
+    # γ(3) = 3 bits and ⌈log2 C(80, 2)⌉ = 12 bits, padded to 2 bytes; 2 × 7-bit indices; 2 × 13 bits
+    assert (summary["subset_bits_per_image"], summary["fixed_bits_per_image"], summary["paper_bits_per_image"]) == (16, 14, 26)
