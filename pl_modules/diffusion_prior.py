@@ -4,9 +4,9 @@ folder, with LoRA on the UNet's attention projections (peft) and extra zero-init
 channels for the image the UNet restores. Without a VAE (``vae=false``) the same UNet works on pixels,
 as DeepFloyd IF's stages do; the CPU-sized ``tiny-pixel`` preset is such a prior.
 
-Why latent concatenation (InstructPix2Pix) and not a ControlNet branch: it adds one conv's worth of
-weights instead of a copy of the encoder, and at zero init the UNet computes exactly what the
-pretrained one did. Post-training needs the trained decoder itself as its frozen reference:
+The condition enters by latent concatenation (InstructPix2Pix) or through a ControlNet branch
+(pl_modules/control_branch.py says when each); at zero init either computes exactly what the
+pretrained UNet did. Post-training needs the trained decoder itself as its frozen reference:
 ``freeze_as_reference`` folds what was trained (LoRA, conv_in, or the whole UNet) into the base
 weights and adds a new adapter, so that ``adapters_disabled()`` is exactly that decoder.
 """
@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from pl_modules.control_branch import CONTROL_KINDS, CONTROLNET_FILE, build_controlnet, controlled_unet
 from pl_modules.tiny_models import resolve_pretrained
 
 LORA_FILE = "unet_lora.safetensors"
@@ -48,8 +49,11 @@ class DiffusionPriorConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     """UNet module names that get LoRA adapters."""
     condition_channels: int = 4
-    """Extra conv_in channels for the image to restore, in the UNet's space: its input channels
-    (4 for SD's latents, 3 on pixels), or 0 for an unconditional prior."""
+    """Channels of the condition (the image to restore, or the decoded latent), in the UNet's space:
+    its input channels (4 for SD's latents, 3 on pixels), or 0 for an unconditional prior."""
+    control: str = "concat"
+    """How the condition enters: concat (extra zero-initialised conv_in channels) or controlnet
+    (a trainable copy of the UNet's encoder injected through zero convolutions)."""
     gradient_checkpointing: bool = True
     """Trade compute for memory in the UNet during training."""
     vae_tile: int = 512
@@ -92,7 +96,10 @@ class DiffusionPrior(nn.Module):
                              or cfg.condition_channels != self.unet.config.out_channels):
             raise ValueError("prior.residual needs a scheduler with prediction_type 'sample' and a condition with "
                              "the UNet's output channels")
-        if cfg.condition_channels:
+        self.controlnet = None
+        if cfg.condition_channels and cfg.control == "controlnet":
+            self.controlnet = build_controlnet(self.unet, cfg.condition_channels)  # from the untouched UNet
+        elif cfg.condition_channels:
             expand_conv_in(self.unet, cfg.condition_channels)
         self.reference_adapter: str | None = None
         """Set by freeze_as_reference: the one adapter that trains on the frozen decoder."""
@@ -104,6 +111,8 @@ class DiffusionPrior(nn.Module):
             self.vae.tile_latent_min_size = cfg.vae_tile // self.vae_scale
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+            if self.controlnet is not None:
+                self.controlnet.enable_gradient_checkpointing()
         if cfg.frozen_dtype == "bfloat16":
             if self.vae is not None:
                 self.vae.to(torch.bfloat16)
@@ -131,6 +140,8 @@ class DiffusionPrior(nn.Module):
             self.unet.fuse_lora(lora_scale=1.0)
             self.unet.unload_lora()
         self.unet.requires_grad_(False).to(frozen_dtype)
+        if self.controlnet is not None:
+            self.controlnet.requires_grad_(False)
         self.reference_adapter = adapter
         self._add_lora(rank, alpha, targets, name=adapter)
         for param in self.trainable_parameters():
@@ -184,14 +195,17 @@ class DiffusionPrior(nn.Module):
 
     def is_trained(self, unet_parameter: str) -> bool:
         """Whether training changes this UNet parameter: all of them with train_unet; otherwise LoRA
-        and the conv_in (whose new channels start at zero); after freeze_as_reference, its adapter alone."""
+        and a concatenated condition's conv_in (whose new channels start at zero); after
+        freeze_as_reference, its adapter alone. (A ControlNet trains whole, until freeze_as_reference.)"""
         if self.reference_adapter is not None:
             return "lora_" in unet_parameter and f".{self.reference_adapter}." in unet_parameter
         return (self.cfg.train_unet or "lora_" in unet_parameter
-                or (self.cfg.condition_channels > 0 and unet_parameter.startswith("conv_in.")))
+                or (self.controlnet is None and self.cfg.condition_channels > 0 and unet_parameter.startswith("conv_in.")))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = [p for n, p in self.unet.named_parameters() if self.is_trained(n)]
+        if self.controlnet is not None and self.reference_adapter is None:
+            params += list(self.controlnet.parameters())
         for p in params:
             p.requires_grad_(True)
         return params
@@ -235,9 +249,12 @@ class DiffusionPrior(nn.Module):
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor | None,
                 context: torch.Tensor) -> torch.Tensor:
         """The UNet's prediction for noisy latents, given the condition latent and cross-attention tokens."""
-        inputs = torch.cat([noisy, condition], dim=1) if self.cfg.condition_channels else noisy
-        with self._frozen_autocast(inputs.device):
-            prediction = self.unet(inputs, timesteps, encoder_hidden_states=context).sample
+        with self._frozen_autocast(noisy.device):
+            if self.controlnet is not None:
+                prediction = controlled_unet(self.unet, self.controlnet, noisy, timesteps, condition, context)
+            else:
+                inputs = torch.cat([noisy, condition], dim=1) if self.cfg.condition_channels else noisy
+                prediction = self.unet(inputs, timesteps, encoder_hidden_states=context).sample
         return prediction + condition if self.cfg.residual else prediction
 
     def diffusion_loss(self, x0: torch.Tensor, condition: torch.Tensor | None, context: torch.Tensor,
@@ -269,20 +286,22 @@ class DiffusionPrior(nn.Module):
 
     def trained_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """File name → tensors of what training changes: LoRA (peft's layout, loadable with
-        ``set_peft_model_state_dict``) and conv_in, each alone; or the whole UNet with train_unet;
-        after freeze_as_reference, the new adapter alone."""
+        ``set_peft_model_state_dict``) and conv_in or the ControlNet, each alone; or the whole UNet
+        with train_unet; after freeze_as_reference, the new adapter alone."""
         from peft.utils import get_peft_model_state_dict
 
         if self.reference_adapter is not None:
             states = {adapter_file(self.reference_adapter):
                       get_peft_model_state_dict(self.unet, adapter_name=self.reference_adapter)}
-        elif self.cfg.train_unet:
-            states = {UNET_FILE: self.unet.state_dict()}
         else:
             states = {}
-            if self.cfg.lora_rank:
+            if self.cfg.train_unet:
+                states[UNET_FILE] = self.unet.state_dict()
+            elif self.cfg.lora_rank:
                 states[LORA_FILE] = get_peft_model_state_dict(self.unet)
-            if self.cfg.condition_channels:
+            if self.controlnet is not None:
+                states[CONTROLNET_FILE] = self.controlnet.state_dict()
+            elif self.cfg.condition_channels and not self.cfg.train_unet:
                 states[CONV_IN_FILE] = self.unet.conv_in.state_dict()
         return {name: {k: v.detach().cpu().contiguous() for k, v in state.items()} for name, state in states.items()}
 
@@ -302,10 +321,11 @@ class DiffusionPrior(nn.Module):
             return
         if self.cfg.train_unet:
             self.unet.load_state_dict(load_file(str(folder / UNET_FILE)), strict=True)
-            return
-        if self.cfg.lora_rank:
+        elif self.cfg.lora_rank:
             self._load_adapter(folder / LORA_FILE, "default")
-        if self.cfg.condition_channels:
+        if self.controlnet is not None:
+            self.controlnet.load_state_dict(load_file(str(folder / CONTROLNET_FILE)), strict=True)
+        elif self.cfg.condition_channels and not self.cfg.train_unet:
             self.unet.conv_in.load_state_dict(load_file(str(folder / CONV_IN_FILE)), strict=True)
 
     def _load_adapter(self, path: Path, name: str) -> None:
@@ -328,6 +348,8 @@ def adapter_file(name: str) -> str:
 def _check(cfg: DiffusionPriorConfig) -> None:
     if cfg.frozen_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"prior.frozen_dtype must be float32 or bfloat16, got '{cfg.frozen_dtype}'")
+    if cfg.control not in CONTROL_KINDS:
+        raise ValueError(f"prior.control must be one of {CONTROL_KINDS}, got '{cfg.control}'")
     if cfg.train_unet and cfg.lora_rank:
         raise ValueError("prior.train_unet=true trains the whole UNet: set prior.lora_rank=0")
 

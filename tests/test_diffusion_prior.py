@@ -290,3 +290,32 @@ def test_freezing_a_bf16_prior_fuses_in_float32_and_trains_a_float32_adapter(tin
     assert trained and all(p.dtype == torch.float32 for p in trained)
     frozen = [p for n, p in model.unet.named_parameters() if not model.is_trained(n)]
     assert all(p.dtype == torch.bfloat16 for p in frozen)
+
+
+def test_a_controlnet_branch_starts_as_the_base_unet_trains_whole_and_round_trips_strictly(tiny_folder, tmp_path):
+    from pl_modules.control_branch import CONTROLNET_FILE
+
+    base = prior(tiny_folder, condition_channels=0, lora_rank=0, gradient_checkpointing=False)
+    model = prior(tiny_folder, control="controlnet", gradient_checkpointing=False)
+    noisy, t, condition, context = inputs()
+    assert model.unet.config.in_channels == 4  # the condition does not enter conv_in
+    with torch.no_grad():
+        torch.testing.assert_close(model.denoise(noisy, t, condition, context),
+                                   base.denoise(noisy, t, None, context), rtol=0, atol=1e-5)  # zero convolutions
+    params = model.trainable_parameters()
+    assert sum(p.numel() for p in model.controlnet.parameters()) <= sum(p.numel() for p in params)
+    loss = model.diffusion_loss(noisy, condition, context, timesteps=t).mean()
+    loss.backward()
+    assert model.controlnet.controlnet_mid_block.weight.grad.abs().sum() > 0  # the zero conv learns first
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.01 * torch.randn_like(p))
+        moved = model.denoise(noisy, t, condition, context)
+    assert not torch.allclose(moved, base.denoise(noisy, t, None, context), atol=1e-4)
+    assert set(model.save_trained(tmp_path / "trained")) == {LORA_FILE, CONTROLNET_FILE}
+    twin = prior(tiny_folder, control="controlnet", gradient_checkpointing=False)
+    twin.load_trained(tmp_path / "trained")
+    with torch.no_grad():
+        torch.testing.assert_close(twin.denoise(noisy, t, condition, context), moved)
+    with pytest.raises(ValueError, match="prior.control must be one of"):
+        prior(tiny_folder, control="adapter")
