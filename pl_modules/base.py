@@ -14,7 +14,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from foundation.config import section, to_dict
-from pl_modules.bitstream import Sampler
+from pl_modules.bitstream import Bitstream, Sampler, decode_image, encode_image, round_trip
 from pl_modules.image_means import ImageMeans
 from pl_modules.schedules import lr_factor, step_seed
 
@@ -79,6 +79,20 @@ class StageModule(L.LightningModule):
     def reconstruct(self, decoded: torch.Tensor, sampler: Optional[Sampler]) -> torch.Tensor:
         """The model's output image from the codec's decoded image (a restorer restores it)."""
         return decoded
+
+    def encode(self, x: torch.Tensor, decoder_id: str, seed: int = 0, path: Optional[Path] = None) -> Bitstream:
+        """One image (1×3×H×W in [0, 1]; ``path``: its file, for side information read beside it)
+        into the bitstream this model decodes; ``seed``: a diffusion decoder's sampling seed."""
+        return encode_image(self.codec, x, decoder_id, self.sampler_settings(seed))
+
+    def decode(self, stream: Bitstream, decoder_id: str) -> torch.Tensor:
+        """The model's output image from a bitstream it wrote."""
+        return self.reconstruct(decode_image(self.codec, stream, decoder_id), stream.sampler)
+
+    def round_trip(self, x: torch.Tensor, decoder_id: str, seed: int = 0) -> tuple[bytes, torch.Tensor]:
+        """(the file's bytes, the image evaluate scores as this model's): the codec's decoded image
+        (evaluate scores a restorer's output apart, with its own degradations and seeds)."""
+        return round_trip(self.codec, x, decoder_id)
 
     # ---- shared ------------------------------------------------------------------------------
     @property

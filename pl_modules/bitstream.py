@@ -201,16 +201,18 @@ def decode_image(model, stream: Bitstream, decoder_id: str) -> torch.Tensor:
     return quantize_8bit(x_hat[..., : stream.height, : stream.width])
 
 
-def check_geometry(model, stream: Bitstream) -> None:
+def check_geometry(model, stream: Bitstream, input_stride: int = 1) -> None:
     """The latent shape must be what this codec makes of an image of the stated size, so that a
-    forged header cannot make the decoder allocate more than the image it claims."""
+    forged header cannot make the decoder allocate more than the image it claims. ``input_stride``:
+    how much smaller than the image the codec's input is (a diffusion VAE's 8 for a latent codec)."""
     if stream.codec and stream.codec != model.architecture:
         raise BitstreamError(f"bitstream holds a {stream.codec} codec's latents, this model is {model.architecture}")
     if len(stream.strings) != model.string_groups or any(len(group) != 1 for group in stream.strings):
         raise BitstreamError(f"bitstream holds {[len(g) for g in stream.strings]} strings per entropy model; this "
                              f"codec codes one image as {model.string_groups} groups of one")
-    pad = V1_PAD_MULTIPLE if stream.version == 1 else model.pad_multiple
-    expected = tuple(math.ceil(side / pad) * pad // model.latent_stride for side in (stream.height, stream.width))
+    pad = V1_PAD_MULTIPLE if stream.version == 1 else model.pad_multiple * input_stride
+    stride = model.latent_stride * input_stride
+    expected = tuple(math.ceil(side / pad) * pad // stride for side in (stream.height, stream.width))
     if tuple(stream.latent_shape) != expected:
         raise BitstreamError(f"bitstream's latent shape {tuple(stream.latent_shape)} does not fit a "
                              f"{stream.width}x{stream.height} image with this codec (expected {expected})")

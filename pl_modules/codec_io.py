@@ -9,7 +9,7 @@ from datamodules.images import load_rgb, save_png, to_tensor
 from foundation.files import atomic_write_bytes
 from foundation.manifest import MANIFEST, ManifestError, read_manifest
 from pl_modules import codec_module
-from pl_modules.bitstream import DEFAULT_MAX_PIXELS, Bitstream, BitstreamError, decode_image, encode_image, pack, unpack
+from pl_modules.bitstream import DEFAULT_MAX_PIXELS, Bitstream, BitstreamError, decode_image, pack, unpack
 from pl_modules.codecs import CODEC_FILE
 from pl_modules.finals import decoder_id, load_final
 
@@ -30,7 +30,7 @@ def compress_file(image_path: str | Path, model_dir: str | Path, out_path: str |
     """``seed``: the diffusion decoder's sampling seed, written into the file (ignored by plain codecs)."""
     final = load_final(model_dir, need_codec=True)
     x = to_tensor(load_rgb(Path(image_path))).unsqueeze(0)
-    data = pack(encode_image(final.codec, x, final.decoder_id, final.model.sampler_settings(seed)))
+    data = pack(final.model.encode(x, final.decoder_id, seed, Path(image_path)))
     atomic_write_bytes(out_path, data)
     # bpp from the file as it lies on disk, not from the encoder's own count.
     return CompressResult(Path(out_path), Path(out_path).stat().st_size, x.shape[-2], x.shape[-1])
@@ -43,10 +43,11 @@ def decompress_file(bin_path: str | Path, out_path: str | Path, model_dir: str |
     if model_dir is None:
         model_dir = find_model(stream, search_roots)
     final = load_final(model_dir, need_codec=True)
-    # Format 1 named the codec's weights alone, and held a codec's image only.
-    expected = final.manifest.weights[CODEC_FILE] if stream.version == 1 else final.decoder_id
-    decoded = decode_image(final.codec, stream, expected)
-    save_png(decoded if stream.version == 1 else final.model.reconstruct(decoded, stream.sampler), out_path)
+    if stream.version == 1:  # named the codec's weights alone, and held a codec's image only
+        decoded = decode_image(final.codec, stream, final.manifest.weights[CODEC_FILE])
+    else:
+        decoded = final.model.decode(stream, final.decoder_id)
+    save_png(decoded, out_path)
     return Path(out_path)
 
 

@@ -272,17 +272,36 @@ class DiffusionPrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, condition: torch.Tensor, context: torch.Tensor, generator: torch.Generator | None = None,
-               steps: int | None = None) -> torch.Tensor:
-        """DDIM from pure noise to latents, conditioned on ``condition`` (a latent) and ``context``."""
+               steps: int | None = None, guidance: float = 1.0,
+               unconditional: torch.Tensor | None = None) -> torch.Tensor:
+        """DDIM from pure noise to latents, conditioned on ``condition`` (a latent) and ``context``;
+        with ``guidance`` ≠ 1, classifier-free guidance away from the ``unconditional`` context
+        (the condition latent is kept in both passes: only the text is guided)."""
         self.scheduler.set_timesteps(steps or self.cfg.sample_steps, device=condition.device)
         latents = torch.randn(condition.shape[0], self.unet.config.out_channels, *condition.shape[-2:],
                               generator=generator, device=condition.device, dtype=condition.dtype)
         latents = latents * self.scheduler.init_noise_sigma
         for t in self.scheduler.timesteps:
-            prediction = self.denoise(self.scheduler.scale_model_input(latents, t), t.expand(len(latents)),
-                                      condition, context)
+            noisy, timesteps = self.scheduler.scale_model_input(latents, t), t.expand(len(latents))
+            prediction = self.denoise(noisy, timesteps, condition, context)
+            if guidance != 1.0:
+                free = self.denoise(noisy, timesteps, condition, unconditional)
+                prediction = free + guidance * (prediction - free)
             latents = self.scheduler.step(prediction, t, latents).prev_sample
         return latents
+
+    def base_features(self, x0: torch.Tensor, blocks: list[str], timesteps: torch.Tensor, noise: torch.Tensor,
+                      context: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Features of named blocks of the pretrained UNet alone (adapters off, no condition) for
+        ``x0`` noised with ``noise`` at ``timesteps``: a fixed feature space, in which the
+        semantic-consistency loss compares z and ẑ. Differentiable in ``x0``."""
+        noisy = self.scheduler.add_noise(x0, noise, timesteps)
+        if self.controlnet is None and self.cfg.condition_channels:
+            noisy = torch.cat([noisy, torch.zeros_like(noisy[:, : self.cfg.condition_channels])], dim=1)
+        adapters = self.adapters_disabled() if self.cfg.lora_rank or self.reference_adapter else contextlib.nullcontext()
+        with adapters, self.features(blocks) as captured, self._frozen_autocast(x0.device):
+            self.unet(noisy, timesteps, encoder_hidden_states=context)
+        return {name: feature.float() for name, feature in captured.items()}
 
     def trained_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """File name → tensors of what training changes: LoRA (peft's layout, loadable with

@@ -13,6 +13,7 @@ from foundation.config import load_config
 from foundation.manifest import Manifest, ManifestError, manifest_path, read_manifest
 from pl_modules.base import StageModule
 from pl_modules.codec_module import CodecModule
+from pl_modules.difficmh_module import DiffICMHModule
 from pl_modules.llicm_module import LLICMModule
 from pl_modules.vlic_module import VLICModule
 
@@ -27,6 +28,7 @@ def register_final(module: type[StageModule]) -> None:
 
 register_final(CodecModule)
 register_final(LLICMModule)
+register_final(DiffICMHModule)
 register_final(VLICModule)
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pl_modules.tag_coding import TagError, Vocabulary
 from pl_modules.tiny_models import resolve_pretrained
 
-DEFAULT_VOCABULARY = str(Path(__file__).resolve().parents[1] / "configs" / "tags" / "coco-80.txt")
+SHIPPED_VOCABULARIES = Path(__file__).resolve().parents[1] / "configs" / "tags"
 TAGGER_KINDS = ("clip", "sidecar", "none")
 
 
@@ -30,8 +30,9 @@ TAGGER_KINDS = ("clip", "sidecar", "none")
 class TaggerConfig:
     kind: str = "clip"
     """clip (zero-shot over the vocabulary), sidecar (<image stem>.tags beside each image) or none."""
-    vocabulary: str = DEFAULT_VOCABULARY
-    """One tag per line; its order is part of the bitstream format (the decoder id names it)."""
+    vocabulary: str = "coco-80"
+    """A vocabulary shipped in configs/tags/ by name (coco-80), or a file: one tag per line. Its order
+    is part of the bitstream format."""
     model: str = "openai/clip-vit-base-patch32"
     """CLIP for kind=clip: hub id, local folder, or the tiny-clip preset (tests)."""
     top_k: int = 3
@@ -41,6 +42,9 @@ class TaggerConfig:
     template: str = "a photo of a {}."
     """The prompt each tag is put in (kind=clip)."""
     sidecar_suffix: str = ".tags"
+    vocabulary_digest: str = ""
+    """sha256 of the vocabulary, recorded when a model trains; loading it with a vocabulary file that
+    no longer matches fails instead of decoding tags into other words."""
 
     def __post_init__(self) -> None:
         if self.kind not in TAGGER_KINDS:
@@ -115,8 +119,15 @@ class ClipZeroShotTags(Tagger):
                 if p >= self.threshold]
 
 
+def vocabulary_file(name_or_path: str) -> Path:
+    """A shipped vocabulary's file by its name, or the path given; by name, a model's manifest stays
+    valid wherever the repository is checked out."""
+    shipped = SHIPPED_VOCABULARIES / f"{name_or_path}.txt"
+    return shipped if shipped.is_file() else Path(name_or_path)
+
+
 def build_tagger(cfg: TaggerConfig) -> Tagger:
-    vocabulary = Vocabulary.from_file(cfg.vocabulary)
+    vocabulary = Vocabulary.from_file(vocabulary_file(cfg.vocabulary))
     if cfg.kind == "clip":
         return ClipZeroShotTags(vocabulary, cfg.model, cfg.top_k, cfg.threshold, cfg.template)
     if cfg.kind == "sidecar":

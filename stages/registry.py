@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from stages import stage1, stage2_llicm, stage3_vlic
+from stages import stage1, stage2_difficmh, stage2_llicm, stage3_vlic
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,10 @@ register_stage("stage1", StageKind(stage1.Stage1Config, stage1.run, stage1.STAGE
 register_stage("stage2-llicm", StageKind(stage2_llicm.Stage2LLICMConfig, stage2_llicm.run, stage2_llicm.STAGE,
                                          "LL-ICM: joint codec + CLIP-guided diffusion restoration (LoRA)",
                                          rd_prefix="val/all/", parent="a stage-1 final/ or an earlier stage"))
+register_stage("stage2-difficmh", StageKind(stage2_difficmh.Stage2DiffICMHConfig, stage2_difficmh.run,
+                                            stage2_difficmh.STAGE,
+                                            "Diff-ICMH: latent codec + tag-guided diffusion decoder with semantic "
+                                            "consistency (LoRA, ControlNet)"))
 register_stage("stage3-vlic", StageKind(stage3_vlic.Stage3VLICConfig, stage3_vlic.run, stage3_vlic.STAGE,
                                         "VLIC: Diffusion-DPO post-training of a stage-2 decoder on 2AFC judgments",
                                         parent="a stage-2 final/ or an earlier stage"))

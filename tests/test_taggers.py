@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pl_modules.tag_coding import TagError, Vocabulary
-from pl_modules.taggers import DEFAULT_VOCABULARY, ClipZeroShotTags, TaggerConfig, build_tagger
+from pl_modules.taggers import ClipZeroShotTags, TaggerConfig, build_tagger, vocabulary_file
 
 pytestmark = pytest.mark.unit
 
@@ -40,4 +40,4 @@ def test_no_tags_and_bad_settings():
         TaggerConfig(kind="ram")
     with pytest.raises(ValueError, match="tagger.template must contain"):
         TaggerConfig(template="a photo")
-    assert Vocabulary.from_file(DEFAULT_VOCABULARY).names[-1] == "toothbrush"
+    assert Vocabulary.from_file(vocabulary_file("coco-80")).names[-1] == "toothbrush"

@@ -1,0 +1,247 @@
+"""Stage 2, Diff-ICMH: one bitstream for people and machines. The image's diffusion latent z is coded
+by a latent hyperprior; the diffusion UNet (frozen base, LoRA, a control branch fed the decoded ẑ)
+generates the reconstruction, guided by image tags that travel losslessly in the bitstream.
+
+Loss: ``ε-MSE + rate_weight·R + guide_weight·MSE(ẑ, z) + sc_weight·SC``, where SC (semantic
+consistency) compares the pretrained UNet's features of z and ẑ. The first ``codec_warmup_steps``
+train the latent codec alone on its rate and guide terms, so that the UNet starts from a ẑ that
+already resembles z (the authors warm the codec up the same way, in a separate run).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as ms_ssim
+
+from foundation.config import ModuleConfig
+from pl_modules.base import StageModule
+from pl_modules.bitstream import (Bitstream, BitstreamError, Sampler, check_geometry, pack, pad_to_multiple,
+                                  quantize_8bit)
+from pl_modules.codec_module import IN_MEMORY_ID
+from pl_modules.codecs import (ARCHITECTURES, CODEC_FILE, CodecConfig, build_codec, codec_state, load_codec_weights,
+                               round_straight_through, split_parameters)
+from pl_modules.diffusion_prior import DiffusionPrior, DiffusionPriorConfig
+from pl_modules.losses import MS_SSIM_MIN_SIDE, SC_DISTANCES, bits_per_pixel, psnr, semantic_consistency
+from pl_modules.schedules import OptimConfig
+from pl_modules.tag_coding import TagError, decode_tags, encode_tags
+from pl_modules.taggers import TaggerConfig, build_tagger
+
+STAGE = "stage2-difficmh"
+SC_TIMESTEPS = ("zero", "shared")
+
+
+@dataclass
+class DiffICMHConfig(ModuleConfig):
+    codec: CodecConfig = field(default_factory=lambda: CodecConfig(architecture="latent-mean-hyperprior", N=128, M=192))
+    """The latent codec (latent-mean-hyperprior: pl_modules/latent_codec.py says why)."""
+    prior: DiffusionPriorConfig = field(default_factory=lambda: DiffusionPriorConfig(text_encoder=True,
+                                                                                      control="controlnet"))
+    """The latent diffusion model (vae/, unet/, text_encoder/); the control branch is fed ẑ."""
+    tagger: TaggerConfig = field(default_factory=TaggerConfig)
+    """Where the encoder's tags come from; the vocabulary is part of the bitstream format."""
+    rate_weight: float = 4.0
+    """Weight of the rate R in bpp (the paper's λ ∈ {2, 4, 8, 16, 32}: larger is fewer bits)."""
+    guide_weight: float = 2.0
+    """Weight of MSE(ẑ, z), which keeps ẑ a latent the UNet knows."""
+    sc_weight: float = 1.0
+    """Weight of the semantic-consistency loss (0: off)."""
+    sc_blocks: list[str] = field(default_factory=lambda: ["mid_block"])
+    """UNet blocks whose outputs SC compares (mid_block, down_blocks.N, up_blocks.N)."""
+    sc_timestep: str = "zero"
+    """zero: the clean latents at t = 0; shared: the same random t and noise for z and ẑ."""
+    sc_distance: str = "cosine"
+    """cosine (over channels) or normalized_l2 (pl_modules/losses.py::semantic_consistency)."""
+    tag_dropout: float = 0.1
+    """Probability of training on the empty prompt instead of the tags (classifier-free guidance)."""
+    guidance_scale: float = 5.0
+    """Classifier-free guidance on the tags at decoding (1: none); written into each bitstream."""
+    codec_warmup_steps: int = 0
+    """Steps that train the latent codec alone (rate + guide) before the diffusion terms join."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    codec_lr: float = 0.0
+    """Learning rate of the codec (0: optim.lr)."""
+
+    def __post_init__(self) -> None:
+        spec = ARCHITECTURES[self.codec.architecture]
+        if spec.in_channels == 3 or not spec.straight_through:
+            raise ValueError(f"codec.architecture: Diff-ICMH codes the diffusion latent with a straight-through "
+                             f"latent codec (latent-mean-hyperprior), not {self.codec.architecture}")
+        if not self.prior.vae or self.prior.condition_channels != spec.in_channels:
+            raise ValueError(f"prior.vae must be true and prior.condition_channels {spec.in_channels}: the UNet is "
+                             f"conditioned on the decoded latent")
+        if not self.prior.text_encoder:
+            raise ValueError("prior.text_encoder must be true: the tags reach the UNet through it")
+        if self.sc_timestep not in SC_TIMESTEPS or self.sc_distance not in SC_DISTANCES:
+            raise ValueError(f"sc_timestep must be one of {SC_TIMESTEPS} and sc_distance one of {SC_DISTANCES}, got "
+                             f"'{self.sc_timestep}', '{self.sc_distance}'")
+        if not self.sc_blocks:
+            raise ValueError("sc_blocks must name at least one UNet block")
+        if not 0.0 <= self.tag_dropout <= 1.0 or self.guidance_scale < 0:
+            raise ValueError(f"tag_dropout must be in [0, 1] and guidance_scale ≥ 0, got {self.tag_dropout}, "
+                             f"{self.guidance_scale}")
+        if min(self.rate_weight, self.guide_weight, self.sc_weight) < 0:
+            raise ValueError("rate_weight, guide_weight and sc_weight must be ≥ 0")
+
+
+def prompt(tags: list[str]) -> str:
+    return ", ".join(tags)
+
+
+class DiffICMHModule(StageModule):
+    STAGE = STAGE
+    CONFIG = DiffICMHConfig
+    VAL_METRICS = ("val/bpp", "val/tag_bpp", "val/psnr", "val/ms_ssim", "val/latent_mse", "val/sc")
+    PROGRESS_KEY = "bpp"
+
+    def __init__(self, cfg: DiffICMHConfig):
+        super().__init__(cfg)
+        self.codec = build_codec(cfg.codec.architecture, cfg.codec.N, cfg.codec.M)
+        round_straight_through(self.codec)  # the UNet trains on the ẑ the file will hold
+        self.prior = DiffusionPrior(cfg.prior)
+        blocks = dict(self.prior.unet.named_modules())
+        unknown = [b for b in cfg.sc_blocks if b not in blocks]
+        if unknown:
+            raise ValueError(f"sc_blocks: the UNet has no blocks {unknown}; e.g. mid_block, down_blocks.0, up_blocks.1")
+        self.tagger = build_tagger(cfg.tagger)
+        digest = self.tagger.vocabulary.digest
+        if cfg.tagger.vocabulary_digest and cfg.tagger.vocabulary_digest != digest:
+            raise ValueError(f"tagger.vocabulary: {cfg.tagger.vocabulary} is not the vocabulary this model was "
+                             f"trained with (sha256 {cfg.tagger.vocabulary_digest[:12]}…, the file has {digest[:12]}…); "
+                             f"its bitstreams' tags would decode to other words")
+
+    def manifest_params(self) -> dict:
+        params = super().manifest_params()
+        params["tagger"]["vocabulary_digest"] = self.tagger.vocabulary.digest
+        return params
+
+    @property
+    def pad_multiple(self) -> int:
+        """Image pixels an input side is padded to: the codec's multiple in latent pixels, times the VAE's."""
+        return self.codec.pad_multiple * self.prior.vae_scale
+
+    def is_frozen_weight(self, key: str) -> bool:
+        if key.startswith(("prior.vae.", "prior.text_model.")):
+            return True
+        unet = "prior.unet."
+        return key.startswith(unet) and not self.prior.is_trained(key[len(unet):])
+
+    def parameter_groups(self):
+        codec_net, aux = split_parameters(self.codec)
+        return [{"params": self.prior.trainable_parameters()},
+                {"params": codec_net, "lr": self.cfg.codec_lr or self.cfg.optim.lr}], aux
+
+    # ---- training ----------------------------------------------------------------------------
+    def tag_context(self, images: torch.Tensor, drop: bool) -> torch.Tensor:
+        """Cross-attention tokens of each image's tags, each set dropped to the empty prompt with
+        probability tag_dropout when ``drop``."""
+        prompts = []
+        for image in images:
+            keep = not drop or torch.rand(()).item() >= self.cfg.tag_dropout
+            prompts.append(prompt(self.tagger(image[None])) if keep else "")
+        return self.prior.encode_text(prompts)
+
+    def sc_distance(self, z: torch.Tensor, z_hat: torch.Tensor, blocks: list[str], timestep: str) -> torch.Tensor:
+        """SC between z and ẑ in the pretrained UNet's features, under the empty prompt (the latent's
+        own semantics, not the tags')."""
+        context = self.prior.encode_text([""] * len(z))
+        if timestep == "zero":
+            t, noise = torch.zeros(len(z), dtype=torch.long, device=z.device), torch.zeros_like(z)
+        else:
+            t = torch.randint(0, self.prior.scheduler.config.num_train_timesteps, (len(z),), device=z.device)
+            noise = torch.randn_like(z)
+        with torch.no_grad():
+            target = self.prior.base_features(z, blocks, t, noise, context)
+        return semantic_consistency(target, self.prior.base_features(z_hat, blocks, t, noise, context),
+                                    self.cfg.sc_distance)
+
+    def losses(self, batch: dict):
+        x = batch["image"]
+        with torch.no_grad():
+            z = self.prior.encode(x)
+        out = self.codec(z)
+        z_hat = out["x_hat"]
+        bpp = bits_per_pixel(out["likelihoods"], x.shape[0] * x.shape[-2] * x.shape[-1])
+        guide = torch.mean((z_hat - z) ** 2)
+        eps = sc = torch.zeros((), device=x.device)
+        if self.global_step >= self.cfg.codec_warmup_steps:
+            eps = self.prior.diffusion_loss(z, z_hat, self.tag_context(x, drop=True)).mean()
+            if self.cfg.sc_weight > 0:
+                sc = self.sc_distance(z, z_hat, self.cfg.sc_blocks, self.cfg.sc_timestep)
+        loss = eps + self.cfg.rate_weight * bpp + self.cfg.guide_weight * guide + self.cfg.sc_weight * sc
+        return {"loss": loss, "eps": eps, "bpp": bpp, "guide": guide, "sc": sc}, self.codec.aux_loss()
+
+    # ---- the bitstream -----------------------------------------------------------------------
+    def sampler_settings(self, seed: int) -> Sampler:
+        return Sampler(steps=self.cfg.prior.sample_steps, seed=seed, guidance=self.cfg.guidance_scale)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, decoder_id: str, seed: int = 0, path: Optional[Path] = None) -> Bitstream:
+        if x.shape[1] != 3:
+            raise BitstreamError(f"Diff-ICMH codes RGB images, got {x.shape[1]} channels")
+        tags = encode_tags(self.tagger(x, path), self.tagger.vocabulary)
+        out = self.codec.compress(self.prior.encode(pad_to_multiple(x, self.pad_multiple)))
+        return Bitstream(decoder_id, x.shape[-2], x.shape[-1], tuple(int(d) for d in out["shape"]),
+                         [[bytes(s) for s in group] for group in out["strings"]], codec=self.codec.architecture,
+                         sampler=self.sampler_settings(seed), tags=tags)
+
+    @torch.no_grad()
+    def decoded_latent(self, stream: Bitstream, decoder_id: str) -> torch.Tensor:
+        if stream.decoder_id != decoder_id:
+            raise BitstreamError(f"bitstream was made by decoder {stream.decoder_id[:12]}…, not by this one "
+                                 f"({decoder_id[:12]}…)")
+        if stream.sampler is None or stream.tags is None:
+            raise BitstreamError("a Diff-ICMH bitstream carries its sampler settings and tag section; this one does not")
+        check_geometry(self.codec, stream, input_stride=self.prior.vae_scale)
+        try:
+            return self.codec.decompress(stream.strings, list(stream.latent_shape))["x_hat"]
+        except (RuntimeError, ValueError, IndexError, AssertionError) as err:
+            raise BitstreamError(f"bitstream does not decode with this codec: {str(err).splitlines()[0]}") from None
+
+    def stream_tags(self, stream: Bitstream) -> list[str]:
+        try:
+            return decode_tags(stream.tags, self.tagger.vocabulary)
+        except TagError as err:
+            raise BitstreamError(str(err)) from None
+
+    @torch.no_grad()
+    def decode(self, stream: Bitstream, decoder_id: str) -> torch.Tensor:
+        """Deterministic given the file: ẑ, the tags and the sampler settings it holds."""
+        z_hat = self.decoded_latent(stream, decoder_id)
+        sampler = stream.sampler
+        context = self.prior.encode_text([prompt(self.stream_tags(stream))])
+        unconditional = self.prior.encode_text([""]) if sampler.guidance != 1.0 else None
+        generator = torch.Generator(device=z_hat.device).manual_seed(sampler.seed)
+        latents = self.prior.sample(z_hat, context, generator, sampler.steps, sampler.guidance, unconditional)
+        return quantize_8bit(self.prior.decode(latents)[..., : stream.height, : stream.width])
+
+    def round_trip(self, x: torch.Tensor, decoder_id: str, seed: int = 0) -> tuple[bytes, torch.Tensor]:
+        from pl_modules.bitstream import unpack
+
+        data = pack(self.encode(x, decoder_id, seed))
+        return data, self.decode(unpack(data), decoder_id)
+
+    # ---- validation and hand-over ------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x = batch["image"]
+        stream = self.encode(x, IN_MEMORY_ID, seed=batch_idx)
+        data = pack(stream)
+        decoded = self.decode(stream, IN_MEMORY_ID)
+        z = self.prior.encode(pad_to_multiple(x, self.pad_multiple))
+        z_hat = self.decoded_latent(stream, IN_MEMORY_ID)
+        pixels = x.shape[-2] * x.shape[-1]
+        metrics = {"val/bpp": 8 * len(data) / pixels, "val/tag_bpp": 8 * len(stream.tags) / pixels,
+                   "val/psnr": psnr(decoded, x), "val/latent_mse": torch.mean((z_hat - z) ** 2).item(),
+                   "val/sc": self.sc_distance(z, z_hat, self.cfg.sc_blocks, "zero").item()}
+        if min(x.shape[-2:]) >= MS_SSIM_MIN_SIDE:
+            metrics["val/ms_ssim"] = ms_ssim(decoded, x, data_range=1.0).item()
+        self.val_means.add(metrics)
+
+    def final_states(self):
+        return {**self.prior.trained_state(), CODEC_FILE: codec_state(self.codec)}
+
+    def load_final_states(self, folder: Path) -> None:
+        load_codec_weights(self.codec, folder / CODEC_FILE)
+        self.prior.load_trained(folder)

@@ -1,0 +1,150 @@
+"""Stage 2, Diff-ICMH, on tiny random models loaded through from_pretrained: the loss, the
+semantic-consistency term, the bitstream with its tag section, and resume."""
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from foundation.config import ConfigError, load_config
+from pl_modules.bitstream import BitstreamError, unpack
+from pl_modules.control_branch import CONTROLNET_FILE
+from pl_modules.diffusion_prior import LORA_FILE
+from pl_modules.difficmh_module import DiffICMHModule
+from pl_modules.tag_coding import decode_tags
+from stages.stage2_difficmh import Stage2DiffICMHConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "stage2" / "difficmh-tiny.yaml"
+
+
+def overrides(models, shard_dir, eval_dir, *more: str) -> list[str]:
+    sd, clip = models
+    return [f"prior.model={sd}", "prior.local_files_only=true", f"tagger.model={clip}",
+            f"data.train_shards={shard_dir}", f"data.val_dir={eval_dir}", "trainer.progress_bar=false",
+            "trainer.accelerator=cpu", "trainer.devices=1", *more]
+
+
+def config(models, shard_dir, eval_dir, *more: str) -> Stage2DiffICMHConfig:
+    return load_config(Stage2DiffICMHConfig, [TINY], overrides(models, shard_dir, eval_dir, *more))
+
+
+@pytest.fixture(scope="module")
+def trained(models, shard_dir, eval_dir, tmp_path_factory):
+    from stages import stage2_difficmh
+
+    cfg = config(models, shard_dir, eval_dir, f"output_root={tmp_path_factory.mktemp('difficmh')}")
+    return cfg, stage2_difficmh.run(cfg)
+
+
+@pytest.mark.unit
+def test_settings_that_cannot_work_are_refused_naming_the_key(models, shard_dir, eval_dir):
+    with pytest.raises(ValueError, match="codec.architecture: Diff-ICMH codes the diffusion latent"):
+        config(models, shard_dir, eval_dir, "codec.architecture=mbt2018-mean")
+    with pytest.raises(ConfigError, match="tagger.kind=sidecar: training crops come from shards"):
+        config(models, shard_dir, eval_dir, "tagger.kind=sidecar")
+    with pytest.raises(ValueError, match="prior.text_encoder must be true"):
+        config(models, shard_dir, eval_dir, "prior.text_encoder=false")
+    with pytest.raises(ValueError, match=r"sc_blocks: the UNet has no blocks \['middle'\]"):
+        DiffICMHModule(config(models, shard_dir, eval_dir, "sc_blocks=[middle]"))
+
+
+@pytest.mark.unit
+def test_the_loss_on_a_fixed_batch_falls_and_every_term_reaches_what_it_trains(models, shard_dir, eval_dir):
+    module = DiffICMHModule(config(models, shard_dir, eval_dir, "codec_warmup_steps=0", "tag_dropout=0"))
+    groups, aux = module.parameter_groups()
+    optimizer = torch.optim.Adam([p for g in groups for p in g["params"]], lr=1e-3)
+    batch = {"image": torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))}
+    history = []
+    for step in range(12):
+        torch.manual_seed(0)  # the same noise, timesteps and quantisation noise every step
+        terms, _ = module.losses(batch)
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        if step == 0:
+            assert module.codec.g_a[0].weight.grad.abs().sum() > 0  # rate, guide, ε and SC reach the codec
+            assert module.prior.controlnet.controlnet_mid_block.weight.grad.abs().sum() > 0
+            assert all(t.item() > 0 for k, t in terms.items() if k != "loss"), terms
+        optimizer.step()
+        history.append(terms["loss"].item())
+    assert history[-1] < 0.8 * history[0], history
+
+
+@pytest.mark.unit
+def test_semantic_consistency_is_zero_for_the_true_latent_grows_with_error_and_leaves_no_hooks(models, shard_dir,
+                                                                                              eval_dir):
+    module = DiffICMHModule(config(models, shard_dir, eval_dir, "sc_blocks=[mid_block,down_blocks.1]"))
+    hooks = lambda: sum(len(m._forward_hooks) for m in module.prior.unet.modules())  # noqa: E731
+    before = hooks()
+    z = module.prior.encode(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    noise = torch.randn_like(z)
+    for timestep in ("zero", "shared"):
+        torch.manual_seed(1)
+        assert module.sc_distance(z, z, ["mid_block", "down_blocks.1"], timestep).item() == pytest.approx(0, abs=1e-6)
+        values = []
+        for scale in (0.1, 0.5, 2.0):
+            torch.manual_seed(1)  # the shared t and noise
+            values.append(module.sc_distance(z, z + scale * noise, ["mid_block", "down_blocks.1"], timestep).item())
+        assert values == sorted(values) and values[0] > 0, (timestep, values)
+    assert hooks() == before
+
+
+def test_a_photo_round_trips_through_a_file_deterministically_with_its_tags(trained, eval_dir, tmp_path):
+    from pl_modules.codec_io import compress_file, decompress_file
+    from pl_modules.finals import load_final
+
+    from datamodules.images import load_rgb, to_tensor
+
+    cfg, final_dir = trained
+    assert {LORA_FILE, CONTROLNET_FILE, "codec.safetensors"} <= {p.name for p in final_dir.iterdir()}
+    photo = sorted(eval_dir.iterdir())[0]
+    result = compress_file(photo, final_dir, tmp_path / "a.bin", seed=7)
+    stream = unpack((tmp_path / "a.bin").read_bytes())
+    image = to_tensor(load_rgb(photo)).unsqueeze(0)
+    final = load_final(final_dir)
+    assert (stream.height, stream.width) == image.shape[-2:] and stream.sampler.seed == 7
+    assert stream.sampler.guidance == cfg.guidance_scale and stream.sampler.steps == cfg.prior.sample_steps
+    assert decode_tags(stream.tags, final.model.tagger.vocabulary) == sorted(
+        final.model.tagger(image), key=final.model.tagger.vocabulary.index.get)
+    assert result.bpp == pytest.approx(8 * (tmp_path / "a.bin").stat().st_size / image[0, 0].numel())
+    first = decompress_file(tmp_path / "a.bin", tmp_path / "a.png", final_dir)
+    second = decompress_file(tmp_path / "a.bin", tmp_path / "b.png", final_dir)
+    assert first.read_bytes() == second.read_bytes()
+    assert to_tensor(load_rgb(first)).shape == image[0].shape
+    compress_file(photo, final_dir, tmp_path / "c.bin", seed=8)
+    third = decompress_file(tmp_path / "c.bin", tmp_path / "c.png", final_dir)
+    assert third.read_bytes() != first.read_bytes()  # the seed in the file decides the sample
+    damaged = (tmp_path / "a.bin").read_bytes()
+    with pytest.raises(BitstreamError, match="not by this one"):
+        final.model.decode(unpack(damaged), "11" * 32)
+
+
+def test_a_final_refuses_a_vocabulary_that_changed_since_training(trained, models, shard_dir, eval_dir, tmp_path):
+    from foundation.manifest import read_manifest
+
+    _, final_dir = trained
+    digest = read_manifest(final_dir).params["tagger"]["vocabulary_digest"]
+    vocabulary = tmp_path / "edited.txt"
+    vocabulary.write_text("cat\ndog\n")
+    cfg = config(models, shard_dir, eval_dir, f"tagger.vocabulary={vocabulary}", f"tagger.vocabulary_digest={digest}")
+    with pytest.raises(ValueError, match="is not the vocabulary this model was trained with"):
+        DiffICMHModule(cfg)
+
+
+@pytest.mark.fault
+def test_resume_after_a_mid_stage_kill_ends_on_identical_trained_weights(models, shard_dir, eval_dir, tmp_path):
+    from test_stage1 import CrashAt
+
+    from stages import stage2_difficmh
+    from stages import trainer as trainer_module
+
+    straight = stage2_difficmh.run(config(models, shard_dir, eval_dir, f"output_root={tmp_path / 'a'}"))
+    cfg = config(models, shard_dir, eval_dir, f"output_root={tmp_path / 'b'}", "trainer.checkpoint_every=2")
+    with pytest.raises(RuntimeError, match="simulated crash"), trainer_module.extra_callbacks(CrashAt(3)):
+        stage2_difficmh.run(cfg)
+    ckpt = torch.load(cfg.stage_dir / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2 and not any(k.startswith(("prior.vae.", "prior.text_model.")) for k in ckpt["state_dict"])
+    resumed = stage2_difficmh.run(cfg)
+    for name in (LORA_FILE, CONTROLNET_FILE, "codec.safetensors"):
+        a, b = load_file(straight / name), load_file(resumed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
