@@ -42,6 +42,7 @@ class TaggerConfig:
     template: str = "a photo of a {}."
     """The prompt each tag is put in (kind=clip)."""
     sidecar_suffix: str = ".tags"
+    """File suffix of the tag file beside each image (kind=sidecar): kodim01.png → kodim01.tags."""
     vocabulary_digest: str = ""
     """sha256 of the vocabulary, recorded when a model trains; loading it with a vocabulary file that
     no longer matches fails instead of decoding tags into other words."""
