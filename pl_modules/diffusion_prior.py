@@ -58,6 +58,9 @@ class DiffusionPriorConfig:
     """Trade compute for memory in the UNet during training."""
     vae_tile: int = 512
     """Encode/decode images larger than this many pixels in overlapping tiles (0: never tile)."""
+    latent_tile: int = 0
+    """Sample latents larger than this many latent pixels per side in overlapping tiles, blended
+    (0: never): the UNet's memory then follows the tile, not the image (a multiple of 8)."""
     residual: bool = False
     """The UNet predicts the clean sample minus the condition (needs a scheduler that predicts
     `sample` and a condition in the UNet's output space): with a zero conv_out, as in the tiny-pixel
@@ -283,12 +286,32 @@ class DiffusionPrior(nn.Module):
         latents = latents * self.scheduler.init_noise_sigma
         for t in self.scheduler.timesteps:
             noisy, timesteps = self.scheduler.scale_model_input(latents, t), t.expand(len(latents))
-            prediction = self.denoise(noisy, timesteps, condition, context)
+            prediction = self.denoise_tiled(noisy, timesteps, condition, context)
             if guidance != 1.0:
-                free = self.denoise(noisy, timesteps, condition, unconditional)
+                free = self.denoise_tiled(noisy, timesteps, condition, unconditional)
                 prediction = free + guidance * (prediction - free)
             latents = self.scheduler.step(prediction, t, latents).prev_sample
         return latents
+
+    def denoise_tiled(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor | None,
+                      context: torch.Tensor) -> torch.Tensor:
+        """:meth:`denoise` over overlapping tiles of ``latent_tile`` latent pixels, blended with linear
+        ramps across each overlap (MultiDiffusion, Bar-Tal et al., 2023); whole when it fits one tile."""
+        tile = self.cfg.latent_tile
+        height, width = noisy.shape[-2:]
+        if not tile or (height <= tile and width <= tile):
+            return self.denoise(noisy, timesteps, condition, context)
+        overlap = tile // 4
+        total = torch.zeros(len(noisy), self.unet.config.out_channels, height, width, device=noisy.device)
+        weight = torch.zeros(1, 1, height, width, device=noisy.device)
+        for top in tile_starts(height, tile, overlap):
+            for left in tile_starts(width, tile, overlap):
+                window = (..., slice(top, top + tile), slice(left, left + tile))
+                part = self.denoise(noisy[window], timesteps, None if condition is None else condition[window], context)
+                ramp = blend_ramp(*part.shape[-2:], overlap, device=noisy.device)
+                total[window] += part.float() * ramp
+                weight[window] += ramp
+        return (total / weight).to(noisy.dtype)
 
     def base_features(self, x0: torch.Tensor, blocks: list[str], timesteps: torch.Tensor, noise: torch.Tensor,
                       context: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -360,6 +383,24 @@ class DiffusionPrior(nn.Module):
         set_peft_model_state_dict(self.unet, state, adapter_name=name)
 
 
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Offsets of tiles of ``tile`` along a side of ``size``, overlapping by at least ``overlap``;
+    the last one ends at the edge (a side shorter than a tile is one tile of its own size)."""
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, size - tile, stride))
+    return starts + [size - tile]
+
+
+def blend_ramp(height: int, width: int, overlap: int, device=None) -> torch.Tensor:
+    """1×1×H×W weights rising linearly over ``overlap`` pixels from each edge (never 0)."""
+    def ramp(n: int) -> torch.Tensor:
+        i = torch.arange(n, device=device, dtype=torch.float32)
+        return torch.minimum(torch.minimum(i + 1, n - i), torch.tensor(float(overlap + 1), device=device)) / (overlap + 1)
+    return (ramp(height)[:, None] * ramp(width)[None, :])[None, None]
+
+
 def adapter_file(name: str) -> str:
     return f"unet_lora_{name}.safetensors"
 
@@ -367,6 +408,8 @@ def adapter_file(name: str) -> str:
 def _check(cfg: DiffusionPriorConfig) -> None:
     if cfg.frozen_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"prior.frozen_dtype must be float32 or bfloat16, got '{cfg.frozen_dtype}'")
+    if cfg.latent_tile % 8 or cfg.latent_tile < 0:
+        raise ValueError(f"prior.latent_tile must be 0 or a positive multiple of 8, got {cfg.latent_tile}")
     if cfg.control not in CONTROL_KINDS:
         raise ValueError(f"prior.control must be one of {CONTROL_KINDS}, got '{cfg.control}'")
     if cfg.train_unet and cfg.lora_rank:

@@ -319,3 +319,31 @@ def test_a_controlnet_branch_starts_as_the_base_unet_trains_whole_and_round_trip
         torch.testing.assert_close(twin.denoise(noisy, t, condition, context), moved)
     with pytest.raises(ValueError, match="prior.control must be one of"):
         prior(tiny_folder, control="adapter")
+
+
+def test_tile_offsets_and_blend_weights_by_hand():
+    from pl_modules.diffusion_prior import blend_ramp, tile_starts
+
+    assert tile_starts(64, 32, 8) == [0, 24, 32] and tile_starts(32, 32, 8) == [0] and tile_starts(20, 32, 8) == [0]
+    ramp = blend_ramp(6, 6, 2)[0, 0, 2]  # a middle row: the vertical ramp is 1 there
+    torch.testing.assert_close(ramp, torch.tensor([1, 2, 3, 3, 2, 1]) / 3)
+
+
+def test_tiled_sampling_blends_tiles_exactly_and_is_whole_when_one_tile_fits(tiny_folder, monkeypatch):
+    model = prior(tiny_folder, latent_tile=16, gradient_checkpointing=False)
+    noisy, t, condition, context = inputs(size=40)
+    calls = []
+
+    def pointwise(x, timesteps, cond, ctx):  # a position-wise "UNet": blending must give it back exactly
+        calls.append(x.shape[-2:])
+        return 2 * x - cond
+
+    monkeypatch.setattr(model, "denoise", pointwise)
+    torch.testing.assert_close(model.denoise_tiled(noisy, t, condition, context), 2 * noisy - condition)
+    assert len(calls) == 9 and all(shape == (16, 16) for shape in calls)  # offsets 0, 12, 24 on each side
+    monkeypatch.undo()
+    small = inputs(size=16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.denoise_tiled(*small), model.denoise(*small), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="latent_tile must be 0 or a positive multiple of 8"):
+        prior(tiny_folder, latent_tile=12)
