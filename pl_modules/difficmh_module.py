@@ -165,8 +165,12 @@ class DiffICMHModule(StageModule):
         z_hat = out["x_hat"]
         bpp = bits_per_pixel(out["likelihoods"], x.shape[0] * x.shape[-2] * x.shape[-1])
         guide = torch.mean((z_hat - z) ** 2)
-        eps = sc = torch.zeros((), device=x.device)
-        if self.global_step >= self.cfg.codec_warmup_steps:
+        sc = torch.zeros((), device=x.device)
+        if self.global_step < self.cfg.codec_warmup_steps:
+            # DDP reduces a gradient for every trained parameter each step: give the resting ones
+            # zeros (Adam then leaves them where they are) rather than none.
+            eps = 0.0 * sum(p.sum() for p in self.prior.trainable_parameters())
+        else:
             eps = self.prior.diffusion_loss(z, z_hat, self.tag_context(x, drop=True)).mean()
             if self.cfg.sc_weight > 0:
                 sc = self.sc_distance(z, z_hat, self.cfg.sc_blocks, self.cfg.sc_timestep)

@@ -30,11 +30,36 @@ def config(models, shard_dir, eval_dir, *more: str) -> Stage2DiffICMHConfig:
 
 
 @pytest.fixture(scope="module")
-def trained(models, shard_dir, eval_dir, tmp_path_factory):
-    from stages import stage2_difficmh
+def small_photos(eval_dir, tmp_path_factory):
+    """192×128 crops of the evaluation photos: full Kodak frames would make every decode here slow."""
+    from PIL import Image
 
-    cfg = config(models, shard_dir, eval_dir, f"output_root={tmp_path_factory.mktemp('difficmh')}")
-    return cfg, stage2_difficmh.run(cfg)
+    out = tmp_path_factory.mktemp("small")
+    for path in sorted(eval_dir.iterdir()):
+        Image.open(path).convert("RGB").crop((64, 64, 256, 192)).save(out / f"{path.stem}.png")
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(models, shard_dir, small_photos, tmp_path_factory):
+    """A two-stage pipeline: the latent codec warms up alone (every step a warm-up step), then the
+    joint stage continues from it. Returns (the joint stage's config, its final/, the warm-up's final/)."""
+    import yaml
+
+    from stages import pipeline
+    from stages.pipeline import PipelineConfig
+
+    root = tmp_path_factory.mktemp("difficmh")
+    spec = root / "p.yaml"
+    spec.write_text(yaml.safe_dump({"run": "dicmh", "output_root": str(root), "stages": [
+        {"name": "warmup", "kind": "stage2-difficmh", "config": [str(TINY)],
+         "overrides": overrides(models, shard_dir, small_photos, "codec_warmup_steps=6")},
+        {"name": "joint", "kind": "stage2-difficmh", "init_from": "warmup", "config": [str(TINY)],
+         "overrides": overrides(models, shard_dir, small_photos, "codec_warmup_steps=0")}]}))
+    warmup, joint = pipeline.run(load_config(PipelineConfig, [spec]))
+    cfg = config(models, shard_dir, small_photos, f"output_root={root}", "run=dicmh", "name=joint", "codec_warmup_steps=0",
+                 f"init_from={warmup}")
+    return cfg, joint, warmup
 
 
 @pytest.mark.unit
@@ -49,7 +74,7 @@ def test_settings_that_cannot_work_are_refused_naming_the_key(models, shard_dir,
         DiffICMHModule(config(models, shard_dir, eval_dir, "sc_blocks=[middle]"))
 
 
-@pytest.mark.unit
+@pytest.mark.stage
 def test_the_loss_on_a_fixed_batch_falls_and_every_term_reaches_what_it_trains(models, shard_dir, eval_dir):
     module = DiffICMHModule(config(models, shard_dir, eval_dir, "codec_warmup_steps=0", "tag_dropout=0"))
     groups, aux = module.parameter_groups()
@@ -89,15 +114,15 @@ def test_semantic_consistency_is_zero_for_the_true_latent_grows_with_error_and_l
     assert hooks() == before
 
 
-def test_a_photo_round_trips_through_a_file_deterministically_with_its_tags(trained, eval_dir, tmp_path):
+@pytest.mark.chain
+def test_a_photo_round_trips_through_a_file_deterministically_with_its_tags(trained, small_photos, tmp_path):
+    from datamodules.images import load_rgb, to_tensor
     from pl_modules.codec_io import compress_file, decompress_file
     from pl_modules.finals import load_final
 
-    from datamodules.images import load_rgb, to_tensor
-
-    cfg, final_dir = trained
+    cfg, final_dir, _ = trained
     assert {LORA_FILE, CONTROLNET_FILE, "codec.safetensors"} <= {p.name for p in final_dir.iterdir()}
-    photo = sorted(eval_dir.iterdir())[0]
+    photo = sorted(small_photos.iterdir())[0]
     result = compress_file(photo, final_dir, tmp_path / "a.bin", seed=7)
     stream = unpack((tmp_path / "a.bin").read_bytes())
     image = to_tensor(load_rgb(photo)).unsqueeze(0)
@@ -119,10 +144,52 @@ def test_a_photo_round_trips_through_a_file_deterministically_with_its_tags(trai
         final.model.decode(unpack(damaged), "11" * 32)
 
 
+@pytest.mark.chain
+def test_the_warm_up_stage_trains_the_codec_alone_and_the_joint_stage_continues_from_it(trained):
+    from foundation.manifest import read_manifest
+
+    _, joint, warmup = trained
+    # LoRA's B and ControlNet's zero convolutions start at zero and move only with a diffusion term.
+    lora, control = load_file(warmup / LORA_FILE), load_file(warmup / CONTROLNET_FILE)
+    zero_started = [lora[k] for k in lora if "lora_B" in k] + [
+        control[k] for k in control if k.startswith(("controlnet_down_blocks", "controlnet_mid_block",
+                                                      "controlnet_cond_embedding.conv_out"))]
+    assert zero_started and all(not t.any() for t in zero_started)
+    joint_lora = load_file(joint / LORA_FILE)
+    assert any(joint_lora[k].any() for k in joint_lora if "lora_B" in k)
+    manifest = read_manifest(joint)
+    assert manifest.parent_weights == read_manifest(warmup).weights
+    assert not torch.equal(load_file(joint / LORA_FILE)[next(iter(lora))], lora[next(iter(lora))])
+    for key in ("val/bpp", "val/tag_bpp", "val/psnr", "val/latent_mse", "val/sc"):
+        assert key in manifest.metrics, key
+    assert 0 < manifest.metrics["val/tag_bpp"] < manifest.metrics["val/bpp"]
+
+
+@pytest.mark.chain
+def test_evaluate_scores_a_diff_icmh_final_on_the_image_it_generates_from_the_file(trained, small_photos, tmp_path):
+    import csv
+
+    from datamodules.images import load_rgb, to_tensor
+    from evaluation.evaluate import EvaluateConfig, run
+    from pl_modules.finals import load_final
+    from pl_modules.losses import psnr
+
+    _, joint, _ = trained
+    run(EvaluateConfig(images=str(small_photos), max_images=1, models=[str(joint)], models_name="difficmh", classical=[],
+                       metrics=["psnr"], fid_kid=False, out_dir=str(tmp_path)))
+    row = next(csv.DictReader((tmp_path / "per_image.csv").open()))
+    final = load_final(joint)
+    x = to_tensor(load_rgb(sorted(small_photos.iterdir())[0])).unsqueeze(0)
+    data, image = final.model.round_trip(x, final.decoder_id, seed=0)
+    assert float(row["bpp"]) == pytest.approx(8 * len(data) / x[0, 0].numel())
+    assert float(row["psnr"]) == pytest.approx(psnr(image, x), abs=1e-4)
+
+
+@pytest.mark.chain
 def test_a_final_refuses_a_vocabulary_that_changed_since_training(trained, models, shard_dir, eval_dir, tmp_path):
     from foundation.manifest import read_manifest
 
-    _, final_dir = trained
+    _, final_dir, _ = trained
     digest = read_manifest(final_dir).params["tagger"]["vocabulary_digest"]
     vocabulary = tmp_path / "edited.txt"
     vocabulary.write_text("cat\ndog\n")
@@ -132,14 +199,14 @@ def test_a_final_refuses_a_vocabulary_that_changed_since_training(trained, model
 
 
 @pytest.mark.fault
-def test_resume_after_a_mid_stage_kill_ends_on_identical_trained_weights(models, shard_dir, eval_dir, tmp_path):
+def test_resume_after_a_mid_stage_kill_ends_on_identical_trained_weights(models, shard_dir, small_photos, tmp_path):
     from test_stage1 import CrashAt
 
     from stages import stage2_difficmh
     from stages import trainer as trainer_module
 
-    straight = stage2_difficmh.run(config(models, shard_dir, eval_dir, f"output_root={tmp_path / 'a'}"))
-    cfg = config(models, shard_dir, eval_dir, f"output_root={tmp_path / 'b'}", "trainer.checkpoint_every=2")
+    straight = stage2_difficmh.run(config(models, shard_dir, small_photos, f"output_root={tmp_path / 'a'}"))
+    cfg = config(models, shard_dir, small_photos, f"output_root={tmp_path / 'b'}", "trainer.checkpoint_every=2")
     with pytest.raises(RuntimeError, match="simulated crash"), trainer_module.extra_callbacks(CrashAt(3)):
         stage2_difficmh.run(cfg)
     ckpt = torch.load(cfg.stage_dir / "last.ckpt", weights_only=False)
@@ -148,3 +215,29 @@ def test_resume_after_a_mid_stage_kill_ends_on_identical_trained_weights(models,
     for name in (LORA_FILE, CONTROLNET_FILE, "codec.safetensors"):
         a, b = load_file(straight / name), load_file(resumed / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.fault
+def test_two_process_ddp_trains_across_the_warm_up_boundary(models, shard_dir, small_photos, tmp_path):
+    """During the warm-up the prior's trained parameters rest; DDP still needs a gradient for each
+    of them every step, or it fails on the second step."""
+    import os
+    import subprocess
+    import sys
+
+    from foundation.manifest import read_manifest
+    from test_distributed import free_port
+
+    command = [sys.executable, str(ROOT / "train.py"), "stage2-difficmh", "-c", str(TINY),
+               *overrides(models, shard_dir, small_photos, f"output_root={tmp_path}", "codec_warmup_steps=2",
+                          "trainer.max_steps=4", "trainer.val_every=4", "trainer.checkpoint_every=2",
+                          "data.val_max_images=2", "trainer.strategy=ddp", "trainer.devices=2")]
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stage = tmp_path / "default" / "stage2-difficmh"
+    assert torch.load(stage / "last.ckpt", weights_only=False)["global_step"] == 4
+    manifest = read_manifest(stage / "final", expect_stage="stage2-difficmh")
+    assert 0 < manifest.metrics["val/tag_bpp"] < manifest.metrics["val/bpp"]
+    lora = load_file(stage / "final" / LORA_FILE)
+    assert any(lora[k].any() for k in lora if "lora_B" in k)  # the joint steps after the warm-up trained it
