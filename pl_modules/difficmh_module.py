@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as ms_ssim
 
 from foundation.config import ModuleConfig
@@ -25,6 +26,7 @@ from pl_modules.codecs import (ARCHITECTURES, CODEC_FILE, CodecConfig, build_cod
                                round_straight_through, split_parameters)
 from pl_modules.diffusion_prior import DiffusionPrior, DiffusionPriorConfig
 from pl_modules.losses import MS_SSIM_MIN_SIDE, SC_DISTANCES, bits_per_pixel, psnr, semantic_consistency
+from pl_modules.metrics import availability, measure
 from pl_modules.schedules import OptimConfig
 from pl_modules.tag_coding import TagError, decode_tags, encode_tags
 from pl_modules.taggers import TaggerConfig, build_tagger
@@ -93,7 +95,7 @@ def prompt(tags: list[str]) -> str:
 class DiffICMHModule(StageModule):
     STAGE = STAGE
     CONFIG = DiffICMHConfig
-    VAL_METRICS = ("val/bpp", "val/tag_bpp", "val/psnr", "val/ms_ssim", "val/latent_mse", "val/sc")
+    VAL_METRICS = ("val/bpp", "val/tag_bpp", "val/psnr", "val/ms_ssim", "val/lpips", "val/latent_mse", "val/sc")
     PROGRESS_KEY = "bpp"
 
     def __init__(self, cfg: DiffICMHConfig):
@@ -106,6 +108,7 @@ class DiffICMHModule(StageModule):
         if unknown:
             raise ValueError(f"sc_blocks: the UNet has no blocks {unknown}; e.g. mid_block, down_blocks.0, up_blocks.1")
         self.tagger = build_tagger(cfg.tagger)
+        self.lpips_unavailable = availability(["lpips"])["lpips"]
         digest = self.tagger.vocabulary.digest
         if cfg.tagger.vocabulary_digest and cfg.tagger.vocabulary_digest != digest:
             raise ValueError(f"tagger.vocabulary: {cfg.tagger.vocabulary} is not the vocabulary this model was "
@@ -241,7 +244,14 @@ class DiffICMHModule(StageModule):
                    "val/sc": self.sc_distance(z, z_hat, self.cfg.sc_blocks, "zero").item()}
         if min(x.shape[-2:]) >= MS_SSIM_MIN_SIDE:
             metrics["val/ms_ssim"] = ms_ssim(decoded, x, data_range=1.0).item()
+        if not self.lpips_unavailable:
+            metrics["val/lpips"] = measure(["lpips"], decoded, x)["lpips"]
         self.val_means.add(metrics)
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        if self.lpips_unavailable:
+            rank_zero_warn(f"validation LPIPS: unavailable: {self.lpips_unavailable}")
 
     def final_states(self):
         return {**self.prior.trained_state(), CODEC_FILE: codec_state(self.codec)}
