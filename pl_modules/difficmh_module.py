@@ -20,7 +20,7 @@ from torchmetrics.functional.image import multiscale_structural_similarity_index
 from foundation.config import ModuleConfig
 from pl_modules.base import StageModule
 from pl_modules.bitstream import (Bitstream, BitstreamError, Sampler, check_geometry, pack, pad_to_multiple,
-                                  quantize_8bit)
+                                  quantize_8bit, unpack)
 from pl_modules.codec_module import IN_MEMORY_ID
 from pl_modules.codecs import (ARCHITECTURES, CODEC_FILE, CodecConfig, build_codec, codec_state, load_codec_weights,
                                round_straight_through, split_parameters)
@@ -225,8 +225,6 @@ class DiffICMHModule(StageModule):
         return quantize_8bit(self.prior.decode(latents)[..., : stream.height, : stream.width])
 
     def round_trip(self, x: torch.Tensor, decoder_id: str, seed: int = 0) -> tuple[bytes, torch.Tensor]:
-        from pl_modules.bitstream import unpack
-
         data = pack(self.encode(x, decoder_id, seed))
         return data, self.decode(unpack(data), decoder_id)
 
