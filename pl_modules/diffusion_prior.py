@@ -1,12 +1,9 @@
 """The diffusion prior every diffusion stage shares (LL-ICM, Diff-ICMH, VLIC): a latent-diffusion
 VAE, UNet and noise scheduler loaded through diffusers' ``from_pretrained`` from a hub id or a local
-folder, with LoRA on the UNet's attention projections (peft) and extra zero-initialised ``conv_in``
-channels for the image the UNet restores. Without a VAE (``vae=false``) the same UNet works on pixels,
-as DeepFloyd IF's stages do; the CPU-sized ``tiny-pixel`` preset is such a prior.
-
-The condition enters by latent concatenation (InstructPix2Pix) or through a ControlNet branch
-(pl_modules/control_branch.py says when each); at zero init either computes exactly what the
-pretrained UNet did. Post-training needs the trained decoder itself as its frozen reference:
+folder, with LoRA on the UNet's attention projections (peft). Without a VAE (``vae=false``) the same
+UNet works on pixels, as DeepFloyd IF's stages do; the CPU-sized ``tiny-pixel`` preset is such a prior.
+The condition enters by conv_in concatenation or a ControlNet (control_branch.py); at zero init
+either computes exactly what the pretrained UNet did. Post-training needs the trained decoder itself as its frozen reference:
 ``freeze_as_reference`` folds what was trained (LoRA, conv_in, or the whole UNet) into the base
 weights and adds a new adapter, so that ``adapters_disabled()`` is exactly that decoder.
 """
@@ -23,6 +20,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from pl_modules.control_branch import CONTROL_KINDS, CONTROLNET_FILE, build_controlnet, controlled_unet
+from pl_modules.latent_tiles import tiled
 from pl_modules.tiny_models import resolve_pretrained
 
 LORA_FILE = "unet_lora.safetensors"
@@ -59,8 +57,7 @@ class DiffusionPriorConfig:
     vae_tile: int = 512
     """Encode/decode images larger than this many pixels in overlapping tiles (0: never tile)."""
     latent_tile: int = 0
-    """Sample latents larger than this many latent pixels per side in overlapping tiles, blended
-    (0: never): the UNet's memory then follows the tile, not the image (a multiple of 8)."""
+    """Sample larger latents in overlapping tiles of this many latent pixels, a multiple of 8 (0: never)."""
     residual: bool = False
     """The UNet predicts the clean sample minus the condition (needs a scheduler that predicts
     `sample` and a condition in the UNet's output space): with a zero conv_out, as in the tiny-pixel
@@ -295,23 +292,12 @@ class DiffusionPrior(nn.Module):
 
     def denoise_tiled(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor | None,
                       context: torch.Tensor) -> torch.Tensor:
-        """:meth:`denoise` over overlapping tiles of ``latent_tile`` latent pixels, blended with linear
-        ramps across each overlap (MultiDiffusion, Bar-Tal et al., 2023); whole when it fits one tile."""
+        """:meth:`denoise` in blended tiles of ``latent_tile`` (latent_tiles.py); whole when it fits one."""
         tile = self.cfg.latent_tile
-        height, width = noisy.shape[-2:]
-        if not tile or (height <= tile and width <= tile):
+        if not tile or max(noisy.shape[-2:]) <= tile:
             return self.denoise(noisy, timesteps, condition, context)
-        overlap = tile // 4
-        total = torch.zeros(len(noisy), self.unet.config.out_channels, height, width, device=noisy.device)
-        weight = torch.zeros(1, 1, height, width, device=noisy.device)
-        for top in tile_starts(height, tile, overlap):
-            for left in tile_starts(width, tile, overlap):
-                window = (..., slice(top, top + tile), slice(left, left + tile))
-                part = self.denoise(noisy[window], timesteps, None if condition is None else condition[window], context)
-                ramp = blend_ramp(*part.shape[-2:], overlap, device=noisy.device)
-                total[window] += part.float() * ramp
-                weight[window] += ramp
-        return (total / weight).to(noisy.dtype)
+        return tiled(lambda x, c: self.denoise(x, timesteps, c, context), noisy, condition, tile,
+                     self.unet.config.out_channels)
 
     def base_features(self, x0: torch.Tensor, blocks: list[str], timesteps: torch.Tensor, noise: torch.Tensor,
                       context: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -381,24 +367,6 @@ class DiffusionPrior(nn.Module):
             raise ValueError(f"{path} does not match this LoRA configuration: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}, other shapes {resized[:3]}")
         set_peft_model_state_dict(self.unet, state, adapter_name=name)
-
-
-def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Offsets of tiles of ``tile`` along a side of ``size``, overlapping by at least ``overlap``;
-    the last one ends at the edge (a side shorter than a tile is one tile of its own size)."""
-    if size <= tile:
-        return [0]
-    stride = tile - overlap
-    starts = list(range(0, size - tile, stride))
-    return starts + [size - tile]
-
-
-def blend_ramp(height: int, width: int, overlap: int, device=None) -> torch.Tensor:
-    """1×1×H×W weights rising linearly over ``overlap`` pixels from each edge (never 0)."""
-    def ramp(n: int) -> torch.Tensor:
-        i = torch.arange(n, device=device, dtype=torch.float32)
-        return torch.minimum(torch.minimum(i + 1, n - i), torch.tensor(float(overlap + 1), device=device)) / (overlap + 1)
-    return (ramp(height)[:, None] * ramp(width)[None, :])[None, None]
 
 
 def adapter_file(name: str) -> str:

@@ -322,7 +322,7 @@ def test_a_controlnet_branch_starts_as_the_base_unet_trains_whole_and_round_trip
 
 
 def test_tile_offsets_and_blend_weights_by_hand():
-    from pl_modules.diffusion_prior import blend_ramp, tile_starts
+    from pl_modules.latent_tiles import blend_ramp, tile_starts
 
     assert tile_starts(64, 32, 8) == [0, 24, 32] and tile_starts(32, 32, 8) == [0] and tile_starts(20, 32, 8) == [0]
     ramp = blend_ramp(6, 6, 2)[0, 0, 2]  # a middle row: the vertical ramp is 1 there
