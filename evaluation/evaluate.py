@@ -148,11 +148,11 @@ def learned_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]) ->
     rows = []
     for model in cfg.models:
         final = load_final(model, need_codec=True)
-        model, sha = final.model, final.decoder_id
+        decoder, sha = final.model, final.decoder_id
         setting = final.setting  # read up the parent chain once, not per image
         for index, path in enumerate(tqdm(images, desc=f"{cfg.models_name} λ={setting}", unit="img")):
             x = to_tensor(load_rgb(path)).unsqueeze(0)
-            data, decoded = model.round_trip(x, sha, seed=index)
+            data, decoded = decoder.round_trip(x, sha, seed=index)
             rows.append({"method": cfg.models_name, "setting": setting, "image": path.name,
                          "bpp": 8 * len(data) / (x.shape[-2] * x.shape[-1]),
                          **measure_all(metrics, decoded, x)})
