@@ -88,10 +88,6 @@ class DiffICMHConfig(ModuleConfig):
             raise ValueError("rate_weight, guide_weight and sc_weight must be ≥ 0")
 
 
-def prompt(tags: list[str]) -> str:
-    return ", ".join(tags)
-
-
 class DiffICMHModule(StageModule):
     STAGE = STAGE
     CONFIG = DiffICMHConfig
@@ -136,6 +132,11 @@ class DiffICMHModule(StageModule):
         return [{"params": self.prior.trainable_parameters()},
                 {"params": codec_net, "lr": self.cfg.codec_lr or self.cfg.optim.lr}], aux
 
+    def prompt(self, tags: list[str]) -> str:
+        """The text the UNet reads for a tag set: in vocabulary order, the order the file gives them
+        back in, so that training and decoding prompt alike."""
+        return ", ".join(sorted(set(tags), key=self.tagger.vocabulary.index.__getitem__))
+
     # ---- training ----------------------------------------------------------------------------
     def tag_context(self, images: torch.Tensor, drop: bool) -> torch.Tensor:
         """Cross-attention tokens of each image's tags, each set dropped to the empty prompt with
@@ -143,7 +144,7 @@ class DiffICMHModule(StageModule):
         prompts = []
         for image in images:
             keep = not drop or torch.rand(()).item() >= self.cfg.tag_dropout
-            prompts.append(prompt(self.tagger(image[None])) if keep else "")
+            prompts.append(self.prompt(self.tagger(image[None])) if keep else "")
         return self.prior.encode_text(prompts)
 
     def sc_distance(self, z: torch.Tensor, z_hat: torch.Tensor, blocks: list[str], timestep: str) -> torch.Tensor:
@@ -218,7 +219,7 @@ class DiffICMHModule(StageModule):
         """Deterministic given the file: ẑ, the tags and the sampler settings it holds."""
         z_hat = self.decoded_latent(stream, decoder_id)
         sampler = stream.sampler
-        context = self.prior.encode_text([prompt(self.stream_tags(stream))])
+        context = self.prior.encode_text([self.prompt(self.stream_tags(stream))])
         unconditional = self.prior.encode_text([""]) if sampler.guidance != 1.0 else None
         generator = torch.Generator(device=z_hat.device).manual_seed(sampler.seed)
         latents = self.prior.sample(z_hat, context, generator, sampler.steps, sampler.guidance, unconditional)

@@ -129,8 +129,10 @@ def test_a_photo_round_trips_through_a_file_deterministically_with_its_tags(trai
     final = load_final(final_dir)
     assert (stream.height, stream.width) == image.shape[-2:] and stream.sampler.seed == 7
     assert stream.sampler.guidance == cfg.guidance_scale and stream.sampler.steps == cfg.prior.sample_steps
-    assert decode_tags(stream.tags, final.model.tagger.vocabulary) == sorted(
-        final.model.tagger(image), key=final.model.tagger.vocabulary.index.get)
+    tags, vocabulary = final.model.tagger(image), final.model.tagger.vocabulary
+    assert decode_tags(stream.tags, vocabulary) == sorted(tags, key=vocabulary.index.get)
+    assert final.model.prompt(tags) == final.model.prompt(decode_tags(stream.tags, vocabulary))  # train = decode
+    assert final.model.prompt(["dog", "person", "dog"]) == "person, dog"  # vocabulary order, once each
     assert result.bpp == pytest.approx(8 * (tmp_path / "a.bin").stat().st_size / image[0, 0].numel())
     first = decompress_file(tmp_path / "a.bin", tmp_path / "a.png", final_dir)
     second = decompress_file(tmp_path / "a.bin", tmp_path / "b.png", final_dir)
