@@ -188,17 +188,22 @@ def encode_image(model, x: torch.Tensor, decoder_id: str, sampler: Optional[Samp
 
 
 @torch.no_grad()
-def decode_image(model, stream: Bitstream, decoder_id: str) -> torch.Tensor:
-    """The 8-bit image the file holds (as floats in [0, 1]), cropped to the original size."""
+def decode_output(model, stream: Bitstream, decoder_id: str, input_stride: int = 1) -> torch.Tensor:
+    """What the codec reconstructs from the file (padded, unquantised: an image, or a latent for
+    a codec of latents), after checking that this decoder wrote it and that its geometry fits."""
     if stream.decoder_id != decoder_id:
         raise BitstreamError(f"bitstream was made by decoder {stream.decoder_id[:12]}…, not by this one "
                              f"({decoder_id[:12]}…)")
-    check_geometry(model, stream)
+    check_geometry(model, stream, input_stride)
     try:
-        x_hat = model.decompress(stream.strings, list(stream.latent_shape))["x_hat"]
+        return model.decompress(stream.strings, list(stream.latent_shape))["x_hat"]
     except (RuntimeError, ValueError, IndexError, AssertionError) as err:
         raise BitstreamError(f"bitstream does not decode with this codec: {str(err).splitlines()[0]}") from None
-    return quantize_8bit(x_hat[..., : stream.height, : stream.width])
+
+
+def decode_image(model, stream: Bitstream, decoder_id: str) -> torch.Tensor:
+    """The 8-bit image the file holds (as floats in [0, 1]), cropped to the original size."""
+    return quantize_8bit(decode_output(model, stream, decoder_id)[..., : stream.height, : stream.width])
 
 
 def check_geometry(model, stream: Bitstream, input_stride: int = 1) -> None:

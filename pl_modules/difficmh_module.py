@@ -19,7 +19,7 @@ from torchmetrics.functional.image import multiscale_structural_similarity_index
 
 from foundation.config import ModuleConfig
 from pl_modules.base import StageModule
-from pl_modules.bitstream import (Bitstream, BitstreamError, Sampler, check_geometry, pack, pad_to_multiple,
+from pl_modules.bitstream import (Bitstream, BitstreamError, Sampler, decode_output, pack, pad_to_multiple,
                                   quantize_8bit, unpack)
 from pl_modules.codec_module import IN_MEMORY_ID
 from pl_modules.codecs import (ARCHITECTURES, CODEC_FILE, CodecConfig, build_codec, codec_state, load_codec_weights,
@@ -195,18 +195,10 @@ class DiffICMHModule(StageModule):
                          [[bytes(s) for s in group] for group in out["strings"]], codec=self.codec.architecture,
                          sampler=self.sampler_settings(seed), tags=tags)
 
-    @torch.no_grad()
     def decoded_latent(self, stream: Bitstream, decoder_id: str) -> torch.Tensor:
-        if stream.decoder_id != decoder_id:
-            raise BitstreamError(f"bitstream was made by decoder {stream.decoder_id[:12]}…, not by this one "
-                                 f"({decoder_id[:12]}…)")
         if stream.sampler is None or stream.tags is None:
             raise BitstreamError("a Diff-ICMH bitstream carries its sampler settings and tag section; this one does not")
-        check_geometry(self.codec, stream, input_stride=self.prior.vae_scale)
-        try:
-            return self.codec.decompress(stream.strings, list(stream.latent_shape))["x_hat"]
-        except (RuntimeError, ValueError, IndexError, AssertionError) as err:
-            raise BitstreamError(f"bitstream does not decode with this codec: {str(err).splitlines()[0]}") from None
+        return decode_output(self.codec, stream, decoder_id, input_stride=self.prior.vae_scale)
 
     def stream_tags(self, stream: Bitstream) -> list[str]:
         try:
