@@ -119,7 +119,7 @@ def win_rates(cfg: EvaluateConfig, images: list[Path]) -> dict[str, dict]:
     for spec in cfg.post_trained:
         name, _, folder = spec.partition("=")
         final = load_final(folder, need_codec=True)
-        if not hasattr(final.model, "restore_reference"):
+        if not hasattr(final.model, "generate_reference"):
             raise ValueError(f"post_trained '{name}': a {final.manifest.stage} model has no reference to be compared with")
         prefs = preference.paired_preferences(final, images, cfg.tasks, cfg.win_seeds, judges, cfg.restore_crop)
         results[name] = {"judges": {judge: preference.win_rate(prefs[judge]) for judge in judges},

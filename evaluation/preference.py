@@ -13,7 +13,6 @@ from tqdm import tqdm
 from datamodules.degradations import degrade
 from datamodules.images import centre_crop, load_rgb, to_tensor
 from evaluation.paired import bootstrap_mean
-from pl_modules.bitstream import round_trip
 from pl_modules.finals import Final
 from pl_modules.judges import Judge
 from pl_modules.losses import psnr
@@ -22,18 +21,21 @@ from pl_modules.losses import psnr
 @torch.no_grad()
 def paired_preferences(final: Final, images: list[Path], tasks: list[str], seeds: int, judges: dict[str, Judge],
                        crop: int) -> dict[str, np.ndarray]:
-    """Per judge, an images × (tasks · seeds) array of P(post-trained closer); also the PSNR of both."""
+    """Per judge, an images × (tasks · seeds) array of P(post-trained closer); also the PSNR of both.
+    A decoder that codes the image itself (Diff-ICMH) has no tasks: one clean input per image."""
     model = final.model
     rows: dict[str, list[list[float]]] = {name: [] for name in [*judges, "psnr_post", "psnr_reference"]}
     for index, path in enumerate(tqdm(images, desc=f"win rate {final.folder.parent.name}", unit="img")):
         clean = centre_crop(load_rgb(path), crop)
         target = to_tensor(clean).unsqueeze(0)
         per_image: dict[str, list[float]] = {name: [] for name in rows}
-        for task in tasks:
-            _, decoded = round_trip(model.codec, to_tensor(degrade(clean, task, index)).unsqueeze(0), final.decoder_id)
+        batches = ([{"degraded": to_tensor(degrade(clean, task, index)).unsqueeze(0), "clean": target} for task in tasks]
+                   if model.restores else [{"clean": target}])
+        for batch in batches:
+            inputs = model.decoder_inputs(batch)
             for k in range(seeds):
                 seed = index * seeds + k
-                post, reference = model.restore(decoded, seed)[0], model.restore_reference(decoded, seed)
+                post, reference = model.generate(inputs, seed), model.generate_reference(inputs, seed)
                 for name, judge in judges.items():
                     per_image[name].append(judge.prefer(target, post, reference).item())
                 per_image["psnr_post"].append(psnr(post, target))

@@ -210,12 +210,35 @@ class DiffICMHModule(StageModule):
     def decode(self, stream: Bitstream, decoder_id: str) -> torch.Tensor:
         """Deterministic given the file: ẑ, the tags and the sampler settings it holds."""
         z_hat = self.decoded_latent(stream, decoder_id)
-        sampler = stream.sampler
         context = self.prior.encode_text([self.prompt(self.stream_tags(stream))])
-        unconditional = self.prior.encode_text([""]) if sampler.guidance != 1.0 else None
+        return quantize_8bit(self.sample(z_hat, context, stream.sampler)[..., : stream.height, : stream.width])
+
+    def sample(self, z_hat: torch.Tensor, context: torch.Tensor, sampler: Sampler) -> torch.Tensor:
+        """Images generated from ẑ and the tags' tokens, guided as ``sampler`` says."""
+        unconditional = self.prior.encode_text([""] * len(z_hat)) if sampler.guidance != 1.0 else None
         generator = torch.Generator(device=z_hat.device).manual_seed(sampler.seed)
         latents = self.prior.sample(z_hat, context, generator, sampler.steps, sampler.guidance, unconditional)
-        return quantize_8bit(self.prior.decode(latents)[..., : stream.height, : stream.width])
+        return self.prior.decode(latents)
+
+    # ---- the diffusion-decoder interface stage 3 post-trains through ---------------------------
+    @torch.no_grad()
+    def decoder_inputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """What the decoder has of each clean image of a batch once its bits are decoded (real
+        bitstreams): ẑ as the control branch's condition and the decoded tags' tokens; the VAE's
+        picture of ẑ as ``decoded``. (Diff-ICMH codes the image itself: a pair's degraded half is unused.)"""
+        streams = [self.encode(x[None], IN_MEMORY_ID) for x in batch["clean"]]
+        z_hat = torch.cat([self.decoded_latent(s, IN_MEMORY_ID) for s in streams])
+        context = self.prior.encode_text([self.prompt(self.stream_tags(s)) for s in streams])
+        height, width = batch["clean"].shape[-2:]
+        return {"decoded": self.prior.decode(z_hat)[..., :height, :width], "condition": z_hat, "context": context,
+                "bpp": torch.tensor([s.bits_per_pixel() for s in streams])}
+
+    @torch.no_grad()
+    def generate(self, inputs: dict[str, torch.Tensor], seed: int, steps: int | None = None) -> torch.Tensor:
+        """The images of :meth:`decoder_inputs`, generated from a fixed seed with this model's guidance."""
+        sampler = Sampler(steps=steps or self.cfg.prior.sample_steps, seed=seed, guidance=self.cfg.guidance_scale)
+        height, width = inputs["decoded"].shape[-2:]
+        return self.sample(inputs["condition"], inputs["context"], sampler)[..., :height, :width]
 
     def round_trip(self, x: torch.Tensor, decoder_id: str, seed: int = 0) -> tuple[bytes, torch.Tensor]:
         data = pack(self.encode(x, decoder_id, seed))

@@ -143,10 +143,31 @@ class LLICMModule(StageModule):
     @torch.no_grad()
     def restore(self, decoded: torch.Tensor, seed: int, steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(restored image, task logits) from a decoded image, sampled with a fixed seed."""
+        inputs = self.inputs_of_decoded(decoded)
+        return self.generate(inputs, seed, steps), inputs["logits"]
+
+    # ---- the diffusion-decoder interface stage 3 post-trains through ---------------------------
+    @torch.no_grad()
+    def decoder_inputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """What the decoder has of each (degraded, clean) pair once its bits are decoded: the codec's
+        decoded image of the degraded input (real bitstreams, or the pair's ``decoded`` image when it
+        comes from preference shards) as the UNet's condition, and the controller's tokens."""
+        decoded = batch.get("decoded")
+        if decoded is None:
+            streams = [encode_image(self.codec, x[None], IN_MEMORY_ID) for x in batch["degraded"]]
+            decoded = torch.cat([decode_image(self.codec, s, IN_MEMORY_ID) for s in streams])
+            return {**self.inputs_of_decoded(decoded), "bpp": torch.tensor([s.bits_per_pixel() for s in streams])}
+        return self.inputs_of_decoded(decoded)
+
+    def inputs_of_decoded(self, decoded: torch.Tensor) -> dict[str, torch.Tensor]:
         logits, tokens = self.controller(self.clip(decoded))
-        generator = torch.Generator(device=decoded.device).manual_seed(seed)
-        latents = self.prior.sample(self.prior.encode(decoded), tokens, generator, steps)
-        return self.prior.decode(latents), logits
+        return {"decoded": decoded, "condition": self.prior.encode(decoded), "context": tokens, "logits": logits}
+
+    @torch.no_grad()
+    def generate(self, inputs: dict[str, torch.Tensor], seed: int, steps: int | None = None) -> torch.Tensor:
+        """The restored images of :meth:`decoder_inputs`, sampled from a fixed seed."""
+        generator = torch.Generator(device=inputs["condition"].device).manual_seed(seed)
+        return self.prior.decode(self.prior.sample(inputs["condition"], inputs["context"], generator, steps))
 
     def sampler_settings(self, seed: int) -> Sampler:
         return Sampler(steps=self.cfg.prior.sample_steps, seed=seed)

@@ -3,6 +3,10 @@ the decoder draws two reconstructions (two seeds); a frozen judge says which is 
 original; Diffusion-DPO trains a LoRA adapter on (winner, loser) against the frozen reference, which
 is the stage-2 decoder itself (its trained weights folded into the base: ``adapters_disabled()``).
 The codec is frozen, so a stage-3 decoder reads exactly the bitstreams its parent's codec writes.
+
+A stage-2 decoder offers ``decoder_inputs(batch)`` (what it has of each image once the bits are
+decoded: the UNet's ``condition`` and ``context``, the ``decoded`` image) and ``generate(inputs,
+seed)``; LL-ICM and Diff-ICMH both do, and nothing here knows which of them it post-trains.
 """
 from __future__ import annotations
 
@@ -10,15 +14,15 @@ import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from foundation.config import ModuleConfig, load_config
-from pl_modules import llicm_module
+from pl_modules import difficmh_module, llicm_module
 from pl_modules.base import StageModule
-from pl_modules.bitstream import Sampler, decode_image, encode_image
-from pl_modules.codec_module import IN_MEMORY_ID
+from pl_modules.bitstream import Bitstream
+from pl_modules.difficmh_module import DiffICMHModule
 from pl_modules.judges import JudgingConfig, build_combined, build_judge
 from pl_modules.llicm_module import LLICMModule
 from pl_modules.losses import diffusion_dpo_loss, psnr
@@ -27,7 +31,7 @@ from pl_modules.schedules import OptimConfig, step_seed
 STAGE = "stage3-vlic"
 ADAPTER = "vlic"
 # Stage-2 methods whose decoder stage 3 post-trains: their module, by the stage their manifests carry.
-DECODERS: dict[str, type[StageModule]] = {llicm_module.STAGE: LLICMModule}
+DECODERS: dict[str, type[StageModule]] = {llicm_module.STAGE: LLICMModule, difficmh_module.STAGE: DiffICMHModule}
 LABELS = ("judge", "coin-flip")
 MODES = ("online", "offline")
 # Held-out pairs draw their seeds from (seed, item, this): a "rank" no training rank has.
@@ -143,23 +147,17 @@ class VLICModule(StageModule):
         return [{"params": self.prior.trainable_parameters()}], []
 
     @torch.no_grad()
-    def decoded(self, degraded: torch.Tensor) -> torch.Tensor:
-        """What the decoder reads: each image through a real bitstream of the frozen codec."""
-        return torch.cat([decode_image(self.codec, encode_image(self.codec, x[None], IN_MEMORY_ID), IN_MEMORY_ID)
-                          for x in degraded])
-
-    @torch.no_grad()
     def draw_pairs(self, batch: dict, base: int, labels: str) -> dict[str, torch.Tensor]:
         """Two reconstructions per item from the current decoder, labelled by the judge against the
         clean image (or by coin flips); sampling seeds follow from ``base``."""
-        degraded, clean = batch["degraded"], batch["clean"]
-        decoded = self.decoded(degraded)
+        clean, inputs = batch["clean"], self.decoder.decoder_inputs(batch)
         # base + 1 and + 2: the global generator, reseeded with base itself, draws the DPO noise,
         # which must not be the noise a reconstruction started from.
-        a, b = self.decoder.restore(decoded, base + 1)[0], self.decoder.restore(decoded, base + 2)[0]
+        a, b = self.decoder.generate(inputs, base + 1), self.decoder.generate(inputs, base + 2)
         judged = labels == "judge"
         prefs = self.judge.prefer(clean, a, b).float() if judged else coin_flips(len(clean), base)
-        return {"decoded": decoded, "a": a, "b": b, "prefs": prefs.to(clean.device)}
+        return {"condition": inputs["condition"], "context": inputs["context"], "a": a, "b": b,
+                "prefs": prefs.to(clean.device)}
 
     def dpo_terms(self, pairs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prefs = pairs["prefs"]
@@ -167,22 +165,20 @@ class VLICModule(StageModule):
         a_wins = (prefs > 0.5).view(-1, 1, 1, 1)
         winner = torch.where(a_wins, pairs["a"], pairs["b"])[keep]
         loser = torch.where(a_wins, pairs["b"], pairs["a"])[keep]
-        decoded = pairs["decoded"][keep]
+        condition, context = pairs["condition"][keep], pairs["context"][keep]
         if not len(winner):
             zero = sum(p.sum() for p in self.prior.trainable_parameters()) * 0.0
             return {"loss": zero, "dpo": zero.detach(), "implicit_acc": zero.detach(), "reward_margin": zero.detach(),
                     "model_ref_mse": zero.detach(), "pairs_kept": zero.detach()}
         with torch.no_grad():
-            _, tokens = self.decoder.controller(self.decoder.clip(decoded))
-            condition = self.prior.encode(decoded)
             x_w, x_l = self.prior.encode(winner), self.prior.encode(loser)
         noise = torch.randn_like(x_w)  # one noise and one timestep for winner, loser, model and reference
         timesteps = torch.randint(0, self.prior.scheduler.config.num_train_timesteps, (len(x_w),), device=x_w.device)
         with torch.no_grad(), self.prior.adapters_disabled():
-            ref_w = self.prior.diffusion_loss(x_w, condition, tokens, noise, timesteps)
-            ref_l = self.prior.diffusion_loss(x_l, condition, tokens, noise, timesteps)
-        model_w = self.prior.diffusion_loss(x_w, condition, tokens, noise, timesteps)
-        model_l = self.prior.diffusion_loss(x_l, condition, tokens, noise, timesteps)
+            ref_w = self.prior.diffusion_loss(x_w, condition, context, noise, timesteps)
+            ref_l = self.prior.diffusion_loss(x_l, condition, context, noise, timesteps)
+        model_w = self.prior.diffusion_loss(x_w, condition, context, noise, timesteps)
+        model_l = self.prior.diffusion_loss(x_l, condition, context, noise, timesteps)
         terms = diffusion_dpo_loss(model_w, model_l, ref_w, ref_l, self.beta, self.cfg.sft_weight)
         terms["pairs_kept"] = keep.float().mean()
         return terms
@@ -193,7 +189,9 @@ class VLICModule(StageModule):
         prefs = batch["prefs"]
         if self.cfg.labels == "coin-flip":
             prefs = coin_flips(len(prefs), step_seed(self.cfg.trainer.seed, self.global_step, self.global_rank))
-        return {"decoded": batch["decoded"], "a": batch["a"], "b": batch["b"], "prefs": prefs.to(batch["a"].device)}
+        inputs = self.decoder.decoder_inputs(batch)
+        return {"condition": inputs["condition"], "context": inputs["context"], "a": batch["a"], "b": batch["b"],
+                "prefs": prefs.to(batch["a"].device)}
 
     def losses(self, batch: dict):
         if self.cfg.mode == "offline":
@@ -213,42 +211,58 @@ class VLICModule(StageModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Held-out: the win rate of the post-trained decoder over the reference (the stage-2
         decoder) on the same bits and seeds, by both judges; ties count ½."""
-        degraded, clean, item = batch["degraded"], batch["clean"], int(batch["seed"])
-        stream = encode_image(self.codec, degraded, IN_MEMORY_ID)
-        decoded = decode_image(self.codec, stream, IN_MEMORY_ID)
+        clean, item = batch["clean"], int(batch["seed"])
+        inputs = self.decoder.decoder_inputs(batch)
         for k in range(self.cfg.val_seeds):
             seed = item * self.cfg.val_seeds + k
-            post, reference = self.restore(decoded, seed)[0], self.restore_reference(decoded, seed)
+            post, reference = self.decoder.generate(inputs, seed), self.generate_reference(inputs, seed)
             values = {"val/win_rate": self.judge.prefer(clean, post, reference).item(),
                       "val/win_rate_second": self.second_judge.prefer(clean, post, reference).item(),
                       "val/psnr": psnr(post, clean), "val/psnr_reference": psnr(reference, clean),
-                      "val/bpp": stream.bits_per_pixel()}
+                      "val/bpp": inputs["bpp"].item()}
             self.val_means.add({k: v for k, v in values.items() if math.isfinite(v)})  # no vote is no count
         torch.manual_seed(item)  # the held-out pair, its noise and timestep: the same at every validation
         # Judged by the judge in every arm (the control too): held-out accuracy measures agreement with it.
-        pairs = self.draw_pairs({"degraded": degraded, "clean": clean},
-                                step_seed(self.cfg.trainer.seed, item, HELD_OUT_STREAM), "judge")
+        pairs = self.draw_pairs(batch, step_seed(self.cfg.trainer.seed, item, HELD_OUT_STREAM), "judge")
         with torch.no_grad():
             terms = self.dpo_terms(pairs)
         if terms["pairs_kept"] > 0:
             self.val_means.add({"val/dpo/implicit_acc": terms["implicit_acc"].item()})
 
+    # ---- the post-trained decoder, and its reference --------------------------------------------
+    def decoder_inputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.decoder.decoder_inputs(batch)
+
+    def generate(self, inputs: dict[str, torch.Tensor], seed: int, steps: int | None = None) -> torch.Tensor:
+        """The post-trained decoder's images (the adapter on)."""
+        return self.decoder.generate(inputs, seed, steps)
+
     @torch.no_grad()
+    def generate_reference(self, inputs: dict[str, torch.Tensor], seed: int) -> torch.Tensor:
+        """The stage-2 decoder's images of the same bits with the same seed."""
+        with self.prior.adapters_disabled():
+            return self.decoder.generate(inputs, seed)
+
+    @property
+    def restores(self) -> bool:
+        """Whether the decoder restores a degraded input (LL-ICM) rather than codes the image itself."""
+        return hasattr(self.decoder, "restore")
+
     def restore(self, decoded: torch.Tensor, seed: int, steps: int | None = None):
-        """The post-trained decoder's restoration (the adapter on), as the stage-2 decoder's restore."""
+        """The post-trained restorer's output from a decoded image (LL-ICM decoders)."""
+        if not self.restores:
+            raise ValueError(f"a stage-3 model of {self.cfg.decoder_stage} restores nothing; score it with models=")
         return self.decoder.restore(decoded, seed, steps)
 
-    @torch.no_grad()
-    def restore_reference(self, decoded: torch.Tensor, seed: int) -> torch.Tensor:
-        """The stage-2 decoder's restoration of the same bits with the same seed."""
-        with self.prior.adapters_disabled():
-            return self.decoder.restore(decoded, seed)[0]
+    def encode(self, x: torch.Tensor, decoder_id: str, seed: int = 0, path: Optional[Path] = None) -> Bitstream:
+        return self.decoder.encode(x, decoder_id, seed, path)
 
-    def sampler_settings(self, seed: int) -> Sampler:
-        return self.decoder.sampler_settings(seed)
+    def decode(self, stream: Bitstream, decoder_id: str) -> torch.Tensor:
+        """The stage-2 decoder's decoding, through the post-trained UNet (the adapter on)."""
+        return self.decoder.decode(stream, decoder_id)
 
-    def reconstruct(self, decoded: torch.Tensor, sampler: Sampler | None) -> torch.Tensor:
-        return self.decoder.reconstruct(decoded, sampler)
+    def round_trip(self, x: torch.Tensor, decoder_id: str, seed: int = 0) -> tuple[bytes, torch.Tensor]:
+        return self.decoder.round_trip(x, decoder_id, seed)
 
     def final_states(self):
         """Self-contained: the stage-2 decoder's files as they were, and the adapter."""

@@ -1,7 +1,8 @@
 """``train.py preference-shards``: judged pairs written once into WebDataset shards, for stage 3's
 offline mode — an expensive judge (a large VLM) then runs once, and can run on another machine.
-Each sample holds the clean crop, the decoded image, two reconstructions by the stage-2 decoder
-(two seeds) and the judge's P(a closer); a failed, unsure or disagreeing judgment is no sample."""
+Each sample holds the clean crop, the decoded image (what the bits alone give: for Diff-ICMH the
+VAE's picture of ẑ, which stage 3 recomputes from the clean crop), two reconstructions by the stage-2
+decoder (two seeds) and the judge's P(a closer); a failed, unsure or disagreeing judgment is no sample."""
 from __future__ import annotations
 
 import io
@@ -18,8 +19,6 @@ from datamodules.images import to_uint8
 from datamodules.shards import ShardSink, ShardSummary, read_index
 from datamodules.stream import CropStream
 from foundation.config import ConfigError
-from pl_modules.bitstream import decode_image, encode_image
-from pl_modules.codec_module import IN_MEMORY_ID
 from pl_modules.finals import load_final
 from pl_modules.judges import JudgingConfig, build_combined
 from pl_modules.schedules import step_seed
@@ -65,8 +64,7 @@ def run(cfg: PreferenceShardsConfig) -> ShardSummary:
     if final.manifest.stage not in DECODERS:
         raise ConfigError(f"decoder {cfg.decoder} was written by {final.manifest.stage}, not a stage-2 decoder")
     judge = build_combined(cfg.judging)
-    model, codec = final.model, final.codec
-    codec.update(force=True)
+    model = final.model
     stream = iter(CropStream(read_index(cfg.pairs), cfg.crop, cfg.batch_size, cfg.seed))
     sink, no_vote = ShardSink(Path(cfg.out_dir), cfg.samples_per_shard), 0
     progress = tqdm(total=cfg.samples, desc="judged pairs", unit="pair")
@@ -75,11 +73,11 @@ def run(cfg: PreferenceShardsConfig) -> ShardSummary:
             break
         batch = next(stream)
         with torch.no_grad():
-            decoded = torch.cat([decode_image(codec, encode_image(codec, x[None], IN_MEMORY_ID), IN_MEMORY_ID)
-                                 for x in batch["degraded"]])
+            inputs = model.decoder_inputs(batch)
             base = step_seed(cfg.seed, batch_index, 0)
-            a, b = model.restore(decoded, base)[0], model.restore(decoded, base + 1)[0]
+            a, b = model.generate(inputs, base), model.generate(inputs, base + 1)
             prefs = judge.prefer(batch["clean"], a, b)
+        decoded = inputs["decoded"]
         for i, pref in enumerate(prefs.tolist()):
             if not np.isfinite(pref) or pref == 0.5 or sink.summary.written >= cfg.samples:
                 no_vote += int(not np.isfinite(pref) or pref == 0.5)

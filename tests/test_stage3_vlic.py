@@ -73,10 +73,11 @@ def test_the_reference_is_the_stage2_decoder_and_dpo_learns_the_judges_choices(p
     stage2 = load_final(parent).model
     module = module_from(parent)
     batch = next(iter(CropStream(read_index(pair_shards), 64, 6, seed=0)))
-    decoded = module.decoded(batch["degraded"])
-    with module.prior.adapters_disabled():
-        reference = module.restore(decoded[:1], seed=3)[0]
-    assert torch.allclose(reference, stage2.restore(decoded[:1], seed=3)[0], atol=1e-4)
+    inputs = module.decoder_inputs({"degraded": batch["degraded"][:1], "clean": batch["clean"][:1]})
+    assert torch.equal(inputs["decoded"], decode_image(stage2.codec, encode_image(stage2.codec, batch["degraded"][:1],
+                                                                                  "00" * 32), "00" * 32))
+    assert torch.allclose(module.generate_reference(inputs, seed=3), stage2.restore(inputs["decoded"], seed=3)[0],
+                          atol=1e-4)
     frozen = {k: v.clone() for k, v in module.state_dict().items() if module.is_frozen_weight(k)}
     assert any(k.startswith("decoder.codec.") for k in frozen) and any(k.startswith("decoder.clip.") for k in frozen)
 
@@ -215,3 +216,42 @@ def test_two_process_ddp_post_trains_the_adapter_alone(parent, pair_shards, eval
     checkpoint = torch.load(stage_dir / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 4
     assert checkpoint["state_dict"] and all(".vlic." in key for key in checkpoint["state_dict"])
+
+
+@pytest.fixture(scope="module")
+def difficmh_parent(models, shard_dir, eval_dir, tmp_path_factory):
+    """A tiny Diff-ICMH final (latent codec, ControlNet, LoRA, tags from tiny CLIP)."""
+    from stages.stage2_difficmh import run as run_difficmh
+    from test_stage2_difficmh import config as difficmh_config
+
+    return run_difficmh(difficmh_config(models, shard_dir, eval_dir, f"output_root={tmp_path_factory.mktemp('d2')}"))
+
+
+@pytest.mark.chain
+def test_stage3_post_trains_a_difficmh_decoder_whose_reference_decodes_the_parents_bitstreams(
+        difficmh_parent, pair_shards, eval_dir, tmp_path):
+    cfg = load_config(Stage3VLICConfig, overrides=[*stage3_overrides(pair_shards, eval_dir, difficmh_parent),
+                                                   "data.val_tasks=[denoise]", f"output_root={tmp_path}",
+                                                   "trainer.max_steps=3", "trainer.val_every=3"])
+    final = stage3_vlic.run(cfg)
+    manifest, parent_manifest = read_manifest(final), read_manifest(difficmh_parent)
+    assert manifest.params["decoder_stage"] == "stage2-difficmh"
+    assert set(manifest.weights) == set(parent_manifest.weights) | {"unet_lora_vlic.safetensors"}
+    for name in parent_manifest.weights:  # the codec, the ControlNet and the stage-2 LoRA as they were
+        assert manifest.weights[name] == parent_manifest.weights[name], name
+    checkpoint = torch.load(final.parent / "last.ckpt", weights_only=False)
+    assert checkpoint["state_dict"] and all(".vlic." in key for key in checkpoint["state_dict"])  # LoRA alone trains
+    post, before = load_final(final).model, load_final(difficmh_parent).model
+    adapter = [p for n, p in post.prior.unet.named_parameters() if "lora_B" in n and ".vlic." in n]
+    assert any(p.abs().sum() > 0 for p in adapter)
+    x = to_tensor(load_rgb(list_images(eval_dir)[0])).unsqueeze(0)[..., :64, :128]
+    stream = before.encode(x, "00" * 32, seed=5)
+    assert post.encode(x, "00" * 32, seed=5) == stream  # the same encoder, tags included
+    with post.prior.adapters_disabled():
+        assert torch.equal(post.decode(stream, "00" * 32), before.decode(stream, "00" * 32))
+    results = evaluate(EvaluateConfig(images=str(eval_dir), classical=[], metrics=["psnr"], tasks=["denoise", "dehaze"],
+                                      post_trained=[f"vlic={final}"], max_images=2,
+                                      restore_crop=64, win_seeds=2, fid_kid=False, out_dir=str(tmp_path / "eval")))
+    rates = results["win_rates"]["vlic"]["judges"]["psnr"]
+    assert rates["n_pairs"] == 4 and rates["n_images"] == 2  # one clean input per image: tasks do not apply
+    assert 0 <= rates["win_rate"] <= 1
