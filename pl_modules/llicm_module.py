@@ -52,6 +52,13 @@ class LLICMConfig(ModuleConfig):
     """Multiplier on the derived β (beta null). The formula holds at the restorer's identity start
     only; a codec trained jointly for the task spends more bits than it predicts, so rate-matched
     comparisons raise this until the measured bpp matches the parent's (docs/results.md)."""
+    rate_match: bool = False
+    """Hold the joint codec to its parent's rate: a frozen copy of the stage-1 codec codes the same
+    batch, and β follows by dual ascent, ``log β += rate_match_step · log(bpp / bpp_parent)`` each step
+    (averaged over ranks; kept in checkpoints), from its set or derived value. Rate-matched arms then
+    match by construction on the training data; the measured bpp still judges."""
+    rate_match_step: float = 0.05
+    """Dual-ascent step on log β per step."""
     gamma: float = 1.0
     """Weight of the diffusion loss toward the ideal (clean) image."""
     eight_bit: bool = True
@@ -73,6 +80,10 @@ class LLICMConfig(ModuleConfig):
                              f"{self.codec.architecture}")
         if self.prior.frozen_dtype == "bfloat16" and self.trainer.precision != "bf16-mixed":
             raise ValueError("prior.frozen_dtype=bfloat16 needs trainer.precision=bf16-mixed")
+        if self.rate_match and not self.train_codec:
+            raise ValueError("rate_match: needs train_codec=true (a frozen codec keeps its parent's rate already)")
+        if self.rate_match_step <= 0:
+            raise ValueError(f"rate_match_step must be positive, got {self.rate_match_step}")
         if not self.prior.condition_channels:
             raise ValueError("prior.condition_channels must be the UNet's input channels: the decoded image "
                              "conditions the restoration")
@@ -97,10 +108,22 @@ class LLICMModule(StageModule):
         self.controller = DegradationController(self.clip.dim, self.prior.unet.config.cross_attention_dim,
                                                 len(TASKS), cfg.content_tokens)
         self.lpips_unavailable = availability(["lpips"])["lpips"]
+        self.rate_reference: Optional[torch.nn.Module] = None
+        if cfg.rate_match:
+            # log(β used / β): the dual variable, in the state dict so that resume keeps it.
+            self.register_buffer("rate_log_scale", torch.zeros(()))
+
+    def hold_rate_to(self, parent_codec: torch.nn.Module) -> None:
+        """rate_match: the stage-1 codec, frozen, whose bpp on each batch the joint codec is held to."""
+        self.rate_reference = parent_codec.requires_grad_(False)
+
+    @property
+    def rate_weight(self) -> float:
+        return self.beta * float(torch.exp(self.rate_log_scale))
 
     def is_frozen_weight(self, key: str) -> bool:
         """Pretrained and never trained: the VAE, CLIP and the UNet but for what the prior trains."""
-        if key.startswith(("prior.vae.", "clip.")):
+        if key.startswith(("prior.vae.", "clip.", "rate_reference.")):
             return True
         unet = "prior.unet."
         return key.startswith(unet) and not self.prior.is_trained(key[len(unet):])
@@ -120,17 +143,36 @@ class LLICMModule(StageModule):
             raise ValueError("beta is not set: give it in the config or derive it from the parent (stage 2's run)")
         degraded, clean, labels = batch["degraded"], batch["clean"], batch["task"]
         out = self.codec(degraded)
-        bpp = bits_per_pixel(out["likelihoods"], degraded.shape[0] * degraded.shape[-2] * degraded.shape[-1])
+        pixels = degraded.shape[0] * degraded.shape[-2] * degraded.shape[-1]
+        bpp = bits_per_pixel(out["likelihoods"], pixels)
         x_hat = as_decoded(out["x_hat"], self.cfg.eight_bit)
         condition = self.prior.encode(x_hat)  # frozen VAE, but differentiable: L_task reaches the codec
         with torch.no_grad():
             target = self.prior.encode(clean)
         logits, tokens = self.controller(self.clip(x_hat.detach()))
         task = self.prior.diffusion_loss(target, condition, tokens).mean()
-        terms = llicm_loss(x_hat, degraded, bpp, task, logits, labels, self.cfg.alpha, self.beta,
+        beta = self.rate_weight if self.cfg.rate_match else self.beta
+        terms = llicm_loss(x_hat, degraded, bpp, task, logits, labels, self.cfg.alpha, beta,
                            self.cfg.gamma, self.cfg.classification)
+        if self.cfg.rate_match:
+            if self.rate_reference is None:
+                raise ValueError("rate_match: no parent codec to hold the rate to (the stage attaches it)")
+            with torch.no_grad():
+                parent_bpp = bits_per_pixel(self.rate_reference(degraded)["likelihoods"], pixels)
+            terms.update(bpp_parent=parent_bpp, beta=torch.tensor(beta))
+            self.step_rate_weight(torch.log(bpp.detach() / parent_bpp))  # β of the next step
         aux_loss = self.codec.aux_loss() if self.cfg.train_codec else torch.zeros((), device=bpp.device)
         return terms, aux_loss
+
+    def step_rate_weight(self, log_ratio: torch.Tensor) -> None:
+        """One dual-ascent step of rate_match: β grows while the codec spends more than its parent.
+        Inside the training step, so that a checkpoint taken after it holds the updated β."""
+        try:
+            # Every rank takes the same step: the mean log-ratio over the ranks' batches.
+            log_ratio = self.trainer.strategy.reduce(log_ratio, reduce_op="mean")
+        except RuntimeError:  # no trainer attached: one process
+            pass
+        self.rate_log_scale += self.cfg.rate_match_step * log_ratio.to(self.rate_log_scale)
 
     def manifest_params(self) -> dict:
         return {**super().manifest_params(), "beta": self.beta}

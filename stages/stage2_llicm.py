@@ -10,9 +10,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.pair_data import PairDataConfig, PairDataModule
 from foundation.config import ConfigError
-from foundation.manifest import Manifest
+from foundation.manifest import Manifest, manifest_path
 from pl_modules import codec_module
-from pl_modules.codecs import CODEC_FILE, load_codec_weights
+from pl_modules.codecs import CODEC_FILE, build_codec, load_codec_weights
 from pl_modules.llicm_module import STAGE, LLICMConfig, LLICMModule
 from pl_modules.losses import matched_rate_weight
 from stages.config import StageConfig
@@ -53,5 +53,8 @@ def run(cfg: Stage2LLICMConfig) -> Path:
     parent = check_parent(required_parent(cfg, "a stage-1 final/ (stage 2 starts from a trained codec)"),
                           codec_module.STAGE, cfg.codec)
     module = LLICMModule(cfg, rate_weight(cfg, parent))
+    if cfg.rate_match:  # on a resume too: the reference is frozen, so not in checkpoints
+        reference = build_codec(cfg.codec.architecture, cfg.codec.N, cfg.codec.M)
+        module.hold_rate_to(load_codec_weights(reference, manifest_path(cfg.init_from).parent / CODEC_FILE))
     return run_stage(cfg, module, PairDataModule(cfg.data, cfg.trainer.seed), parent,
                      warm_start=lambda folder: load_codec_weights(module.codec, folder / CODEC_FILE))

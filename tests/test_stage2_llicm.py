@@ -62,6 +62,26 @@ def module_and_batch(models, pair_shards, eval_dir, *overrides: str) -> tuple[LL
 
 
 @pytest.mark.unit
+def test_rate_match_moves_beta_toward_the_parents_rate(models, pair_shards, eval_dir):
+    import copy
+    import math
+
+    with pytest.raises(ValueError, match="rate_match: needs train_codec=true"):
+        module_and_batch(models, pair_shards, eval_dir, "rate_match=true", "train_codec=false")
+    for gain in (2.0, 0.25):  # an analysis that inflates its latents spends more bits than its parent
+        module, batch = module_and_batch(models, pair_shards, eval_dir, "rate_match=true", "rate_match_step=0.5")
+        module.hold_rate_to(copy.deepcopy(module.codec))
+        with torch.no_grad():
+            module.codec.g_a[-1].weight.mul_(gain)
+            module.codec.g_a[-1].bias.mul_(gain)
+        terms, _ = module.losses(batch)
+        assert terms["beta"] == pytest.approx(0.01)  # this step's β; the next one moves
+        spent = math.log(terms["bpp"].item() / terms["bpp_parent"].item())
+        assert (spent > 0) == (gain > 1)
+        assert module.rate_weight == pytest.approx(0.01 * math.exp(0.5 * spent), rel=1e-5)
+
+
+@pytest.mark.unit
 def test_beta_is_derived_from_an_mse_parent_or_refused_in_one_line(models, pair_shards, eval_dir):
     from foundation.manifest import Manifest
     from stages.stage2_llicm import rate_weight
@@ -283,8 +303,9 @@ def test_stage2_resumes_from_a_checkpoint_without_frozen_weights_to_identical_ad
     from stages import trainer as trainer_module
 
     _, parent = trained_run
+    # rate_match: β's dual variable and the frozen parent codec must come back on resume too.
     overrides = [*stage2_overrides(models, pair_shards, eval_dir), f"init_from={parent}", "trainer.max_steps=8",
-                 "trainer.val_every=8", "trainer.checkpoint_every=2"]
+                 "trainer.val_every=8", "trainer.checkpoint_every=2", "rate_match=true", "rate_match_step=0.5"]
     straight = stage2_llicm.run(load_config(Stage2LLICMConfig, overrides=[*overrides, f"output_root={tmp_path / 'a'}"]))
 
     cfg = load_config(Stage2LLICMConfig, overrides=[*overrides, f"output_root={tmp_path / 'b'}"])
@@ -292,6 +313,7 @@ def test_stage2_resumes_from_a_checkpoint_without_frozen_weights_to_identical_ad
         stage2_llicm.run(cfg)
     ckpt = torch.load(cfg.stage_dir / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 4 and not any(LLICMModule(cfg).is_frozen_weight(k) for k in ckpt["state_dict"])
+    assert ckpt["state_dict"]["rate_log_scale"] != 0
     resumed = stage2_llicm.run(cfg)
     for name in (LORA_FILE, CONV_IN_FILE, CONTROLLER_FILE, "codec.safetensors"):
         a, b = load_file(straight / name), load_file(resumed / name)
