@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--tasks", nargs="+", default=["dehaze", "denoise", "derain", "deraindrop", "deshadow",
                                                       "inpaint"], help="with --pairs: degradations to synthesise")
     shards.add_argument("--seed", type=int, default=0, help="with --pairs: seed of the synthesis")
+    shards.add_argument("--tag-suffix", default=".tags",
+                        help="an image's tags (one per line) in the file of this suffix beside it go into its sample")
     shards.add_argument("--real-pairs", nargs=3, metavar=("DEGRADED_SUFFIX", "CLEAN_SUFFIX", "TASK"),
                         help="with --pairs: real pairs by file-name suffix, e.g. _real _mean denoise (PolyU)")
 
@@ -129,7 +131,8 @@ def run_command(args) -> None:
             summary = write_pair_shards(args.src_dir, args.out_dir, args.tasks, args.seed, args.samples_per_shard,
                                         args.min_size, real_pairs=real)
         else:
-            summary = write_shards(args.src_dir, args.out_dir, args.samples_per_shard, args.min_size)
+            summary = write_shards(args.src_dir, args.out_dir, args.samples_per_shard, args.min_size,
+                                   tag_suffix=args.tag_suffix)
         print(summary.report())
     elif args.command == "compress":
         from pl_modules.codec_io import compress_file

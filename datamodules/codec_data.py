@@ -52,7 +52,8 @@ class ImageFolder(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
-        return {"image": to_tensor(load_rgb(self.paths[index])), "name": self.paths[index].name}
+        return {"image": to_tensor(load_rgb(self.paths[index])), "name": self.paths[index].name,
+                "path": str(self.paths[index])}
 
 
 class CodecDataModule(L.LightningDataModule):
@@ -78,4 +79,4 @@ class CodecDataModule(L.LightningDataModule):
 
 def _single(items: list[dict]) -> dict:
     (item,) = items
-    return {"image": item["image"].unsqueeze(0), "name": item["name"]}
+    return {"image": item["image"].unsqueeze(0), "name": item["name"], "path": item["path"]}

@@ -90,8 +90,10 @@ def encode_sample(path: Path) -> tuple[str, bytes, tuple[int, int]]:
 
 
 def write_shards(src_dir: str | Path, out_dir: str | Path, samples_per_shard: int = 100,
-                 min_size: int = 0, progress: bool = True) -> ShardSummary:
-    """Every readable image of at least ``min_size`` px on its short side, in sorted path order."""
+                 min_size: int = 0, progress: bool = True, tag_suffix: str = ".tags") -> ShardSummary:
+    """Every readable image of at least ``min_size`` px on its short side, in sorted path order;
+    an image's tags travel with it when a tag file (``<stem><tag_suffix>``, one tag per line) lies
+    beside it (Diff-ICMH trains on them with tagger.kind=sidecar)."""
     src_dir = Path(src_dir)
     files = list_images(src_dir)
     sink = ShardSink(Path(out_dir), samples_per_shard)
@@ -105,7 +107,11 @@ def write_shards(src_dir: str | Path, out_dir: str | Path, samples_per_shard: in
         if min(height, width) < min_size:
             sink.summary.skipped.append((rel, f"{width}x{height} is smaller than min_size={min_size}"))
             continue
-        sink.write({ext: data, "json": json.dumps({"source": rel, "height": height, "width": width}).encode()})
+        meta = {"source": rel, "height": height, "width": width}
+        tag_file = path.with_suffix(tag_suffix)
+        if tag_file.is_file():
+            meta["tags"] = [line.strip() for line in tag_file.read_text().splitlines() if line.strip()]
+        sink.write({ext: data, "json": json.dumps(meta).encode()})
     return sink.close(src_dir)
 
 

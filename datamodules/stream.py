@@ -155,7 +155,7 @@ def decode_sample(sample: dict) -> tuple[np.ndarray, dict]:
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise KeyError(f"sample {sample.get('__key__')} has no image ({sorted(sample)})")
-    return load_rgb(sample[key]), {}
+    return load_rgb(sample[key]), json.loads(sample["json"]) if "json" in sample else {}
 
 
 class DecodedCache:
@@ -180,7 +180,8 @@ class DecodedCache:
 
 
 class CropStream(IterableDataset):
-    """Batches of random crops, ``{"image": B×3×S×S, "keys", "skipped"}``; for pair shards
+    """Batches of random crops, ``{"image": B×3×S×S, "keys", "skipped"}`` (and ``"tags"``, a list per
+    image, when the shards carry tags); for pair shards
     ``{"degraded", "clean": B×3×S×S, "task": B labels, …}``; for preference shards ``{"clean",
     "decoded", "a", "b", "task", "prefs": P(a closer), …}``. Use with ``batch_size=None``."""
 
@@ -227,4 +228,6 @@ class CropStream(IterableDataset):
         if images.shape[1] == 6:
             return {"degraded": images[:, :3], "clean": images[:, 3:], "task": torch.tensor([m["label"] for m in metas]),
                     **common}
+        if any("tags" in m for m in metas):  # the image's tags (None where it came without)
+            common["tags"] = [m.get("tags") for m in metas]
         return {"image": images, **common}

@@ -138,13 +138,29 @@ class DiffICMHModule(StageModule):
         return ", ".join(sorted(set(tags), key=self.tagger.vocabulary.index.__getitem__))
 
     # ---- training ----------------------------------------------------------------------------
-    def tag_context(self, images: torch.Tensor, drop: bool) -> torch.Tensor:
+    def batch_tags(self, batch: dict) -> list[list[str]]:
+        """Each training image's tags: from the tagger, or with tagger.kind=sidecar from the shards
+        (written from the tag files beside the images: `train.py shards`)."""
+        if self.cfg.tagger.kind != "sidecar":
+            return [self.tagger(image[None]) for image in batch["image"]]
+        listed = batch.get("tags") or [None] * len(batch["image"])
+        for key, tags in zip(batch.get("keys", ["?"] * len(listed)), listed):
+            if tags is None:
+                raise TagError(f"tagger.kind=sidecar: training sample {key} carries no tags; write the shards from a "
+                               f"folder with a {self.cfg.tagger.sidecar_suffix} file beside every image")
+            try:
+                self.tagger.vocabulary.indices(tags)
+            except TagError as err:
+                raise TagError(f"training sample {key}: {err}") from None
+        return listed
+
+    def tag_context(self, batch: dict, drop: bool) -> torch.Tensor:
         """Cross-attention tokens of each image's tags, each set dropped to the empty prompt with
         probability tag_dropout when ``drop``."""
         prompts = []
-        for image in images:
+        for tags in self.batch_tags(batch):
             keep = not drop or torch.rand(()).item() >= self.cfg.tag_dropout
-            prompts.append(self.prompt(self.tagger(image[None])) if keep else "")
+            prompts.append(self.prompt(tags) if keep else "")
         return self.prior.encode_text(prompts)
 
     def sc_distance(self, z: torch.Tensor, z_hat: torch.Tensor, blocks: list[str], timestep: str) -> torch.Tensor:
@@ -175,7 +191,7 @@ class DiffICMHModule(StageModule):
             # zeros (Adam then leaves them where they are) rather than none.
             eps = 0.0 * sum(p.sum() for p in self.prior.trainable_parameters())
         else:
-            eps = self.prior.diffusion_loss(z, z_hat, self.tag_context(x, drop=True)).mean()
+            eps = self.prior.diffusion_loss(z, z_hat, self.tag_context(batch, drop=True)).mean()
             if self.cfg.sc_weight > 0:
                 sc = self.sc_distance(z, z_hat, self.cfg.sc_blocks, self.cfg.sc_timestep)
         loss = eps + self.cfg.rate_weight * bpp + self.cfg.guide_weight * guide + self.cfg.sc_weight * sc
@@ -247,7 +263,7 @@ class DiffICMHModule(StageModule):
     # ---- validation and hand-over ------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x = batch["image"]
-        stream = self.encode(x, IN_MEMORY_ID, seed=batch_idx)
+        stream = self.encode(x, IN_MEMORY_ID, seed=batch_idx, path=batch.get("path"))
         data = pack(stream)
         decoded = self.decode(stream, IN_MEMORY_ID)
         z = self.prior.encode(pad_to_multiple(x, self.pad_multiple))

@@ -25,9 +25,6 @@ class Stage2DiffICMHConfig(DiffICMHConfig, StageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.tagger.kind == "sidecar":
-            raise ConfigError("tagger.kind=sidecar: training crops come from shards, which carry no tag files; "
-                              "train with clip or none (a trained model still encodes with sidecar tags)")
         if self.data.crop % (8 * 8):
             raise ConfigError(f"data.crop must be a multiple of 64 (the VAE's 8 × the latent codec's 8), got "
                               f"{self.data.crop}")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from foundation.config import ConfigError, load_config
+from foundation.config import load_config
 from pl_modules.bitstream import BitstreamError, unpack
 from pl_modules.control_branch import CONTROLNET_FILE
 from pl_modules.diffusion_prior import LORA_FILE
@@ -66,12 +66,44 @@ def trained(models, shard_dir, small_photos, tmp_path_factory):
 def test_settings_that_cannot_work_are_refused_naming_the_key(models, shard_dir, eval_dir):
     with pytest.raises(ValueError, match="codec.architecture: Diff-ICMH codes the diffusion latent"):
         config(models, shard_dir, eval_dir, "codec.architecture=mbt2018-mean")
-    with pytest.raises(ConfigError, match="tagger.kind=sidecar: training crops come from shards"):
-        config(models, shard_dir, eval_dir, "tagger.kind=sidecar")
     with pytest.raises(ValueError, match="prior.text_encoder must be true"):
         config(models, shard_dir, eval_dir, "prior.text_encoder=false")
     with pytest.raises(ValueError, match=r"sc_blocks: the UNet has no blocks \['middle'\]"):
         DiffICMHModule(config(models, shard_dir, eval_dir, "sc_blocks=[middle]"))
+
+
+@pytest.mark.unit
+def test_sidecar_tags_travel_in_the_shards_to_the_prompt_and_bad_ones_are_refused(models, photo_dir, eval_dir,
+                                                                                  tmp_path):
+    import shutil
+
+    from datamodules.shards import read_index, write_shards
+    from datamodules.stream import CropStream
+    from pl_modules.tag_coding import TagError
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index, path in enumerate(sorted(photo_dir.iterdir())[:3]):
+        shutil.copy(path, photos / path.name)
+        if index < 2:  # the third comes without tags
+            path_tags = photos / f"{path.stem}.tags"
+            path_tags.write_text("person\ndog\n" if index == 0 else "zebra\n")
+    write_shards(photos, tmp_path / "shards", progress=False)
+    batch = next(iter(CropStream(read_index(tmp_path / "shards"), 64, 3, seed=0)))
+    by_key = dict(zip(batch["keys"], batch["tags"]))
+    assert sorted(map(str, by_key.values())) == ["None", "['person', 'dog']", "['zebra']"]
+    module = DiffICMHModule(config(models, tmp_path / "shards", eval_dir, "tagger.kind=sidecar"))
+    with pytest.raises(TagError, match="training sample .* carries no tags"):
+        module.batch_tags(batch)
+    tagged = [i for i, tags in enumerate(batch["tags"]) if tags]
+    subset = {"image": batch["image"][tagged], "keys": [batch["keys"][i] for i in tagged],
+              "tags": [batch["tags"][i] for i in tagged]}
+    assert sorted(module.prompt(tags) for tags in module.batch_tags(subset)) == ["person, dog", "zebra"]
+    assert torch.equal(module.tag_context(subset, drop=False),
+                       module.prior.encode_text([module.prompt(tags) for tags in subset["tags"]]))
+    subset["tags"][0] = ["lighthouse"]
+    with pytest.raises(TagError, match="tag 'lighthouse' is not in the vocabulary"):
+        module.batch_tags(subset)
 
 
 @pytest.mark.stage
