@@ -37,6 +37,10 @@ class CodecModuleConfig(ModuleConfig):
     straight_through: bool = False
     """Train the synthesis on the rounded latent the decoder will see (straight-through gradients),
     the rate on noisy likelihoods as before; hyperpriors without context models only."""
+    straight_through_hyper: bool = False
+    """With straight_through, round the hyper-latent z too (what the decoder's scales come from).
+    Off by default: in the quickstart's 2,200 steps, rounding z cost 23 % more bits at the same λ and
+    PSNR (docs/benchmarks.md); z then stays noisy, as in CompressAI's training."""
 
     def __post_init__(self) -> None:
         if self.distortion not in RD_LOSSES:
@@ -60,7 +64,7 @@ class CodecModule(StageModule):
         self.codec = build_codec(cfg.codec.architecture, cfg.codec.N, cfg.codec.M)
         self.rd_loss = RD_LOSSES[cfg.distortion]
         if cfg.straight_through:
-            round_straight_through(self.codec)
+            round_straight_through(self.codec, cfg.straight_through_hyper)
         if cfg.channels_last:
             self.codec.to(memory_format=torch.channels_last)
         # A compiled function rather than a compiled submodule, whose state-dict keys would change.

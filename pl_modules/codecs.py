@@ -118,12 +118,14 @@ class HookHandles:
         self.remove()
 
 
-def round_straight_through(codec: CompressionModel) -> HookHandles:
+def round_straight_through(codec: CompressionModel, hyper_latent: bool = True) -> HookHandles:
     """From now on (until ``remove()``), a training forward pass rounds both latents as the decoder
     does, ``round(z − median) + median`` and ``round(y − μ) + μ``, with gradients passed straight
     through, while each latent's own likelihood keeps its additive noise: the synthesis trains on
     exactly what it decodes at test time, and the rate term stays differentiable. (In eval mode the
-    outputs are that rounding already.)"""
+    outputs are that rounding already.) ``hyper_latent=False`` leaves z noisy: the hyper-synthesis
+    then trains on noise as in CompressAI, and a mean hyperprior's means differ from the decoder's
+    by that noise's effect."""
     if not ARCHITECTURES[codec.architecture].straight_through:
         raise ValueError(f"straight-through rounding needs a hyperprior whose synthesis reads the Gaussian "
                          f"conditional (bmshj2018-hyperprior, mbt2018-mean), not {codec.architecture}")
@@ -138,8 +140,10 @@ def round_straight_through(codec: CompressionModel) -> HookHandles:
         medians = module.quantiles[:, 0, 1].detach().view(1, -1, *[1] * (z.dim() - 2))
         return z + (torch.round(z - medians) + medians - z).detach(), output[1]
 
-    return HookHandles(codec.gaussian_conditional.register_forward_hook(rounded_y, with_kwargs=True),
-                       codec.entropy_bottleneck.register_forward_hook(rounded_z))
+    handles = [codec.gaussian_conditional.register_forward_hook(rounded_y, with_kwargs=True)]
+    if hyper_latent:
+        handles.append(codec.entropy_bottleneck.register_forward_hook(rounded_z))
+    return HookHandles(*handles)
 
 
 def as_decoded(x_hat: torch.Tensor, eight_bit: bool = True) -> torch.Tensor:

@@ -71,6 +71,23 @@ def test_straight_through_rounding_feeds_the_synthesis_the_decoded_latent_and_ke
     assert torch.equal(codec(x)["x_hat"], noisy["x_hat"])
 
 
+def test_straight_through_on_y_alone_leaves_the_hyperprior_on_noise_as_compressai_trains_it():
+    torch.manual_seed(0)
+    codec = build_codec("bmshj2018-hyperprior", 16, 24).train()
+    x = torch.rand(2, 3, 64, 64)
+    torch.manual_seed(1)
+    noisy = codec(x)
+    with round_straight_through(codec, hyper_latent=False):
+        torch.manual_seed(1)
+        out = codec(x)
+    # Scales from the noisy z, as without the hook: both rates unchanged; the synthesis reads round(y).
+    assert torch.equal(out["likelihoods"]["y"], noisy["likelihoods"]["y"])
+    assert torch.equal(out["likelihoods"]["z"], noisy["likelihoods"]["z"])
+    with torch.no_grad():
+        decoded = codec.eval()(x)
+    assert torch.allclose(out["x_hat"], decoded["x_hat"], atol=1e-5)
+
+
 def test_as_decoded_holds_the_files_values_and_passes_gradients_straight_through():
     x = torch.tensor([-0.2, 0.1234, 0.5, 1.3], requires_grad=True)
     out = as_decoded(x)
