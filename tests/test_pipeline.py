@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_overrides
+from conftest import ROOT, tiny_overrides
 from foundation.config import ConfigError, load_config
 from foundation.manifest import read_manifest
 from pl_modules import losses
@@ -196,3 +196,15 @@ def test_sweep_points_are_named_by_their_values_and_a_hash():
     name = sweep.point_name({"codec.lmbda": 0.0067, "codec.codec.N": 128})
     assert name.startswith("lmbda=0.0067_N=128-") and len(name.rsplit("-", 1)[1]) == 6
     assert name != sweep.point_name({"codec.lmbda": 0.0067, "codec.codec.N": 192})
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "pipelines").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_pipeline_plans_with_valid_stage_configs(path, tmp_path, monkeypatch):
+    """Every stage of every pipeline in configs/ (tiny and real-size) resolves to a valid typed config
+    (data paths that a pipeline leaves to its user given here, as its header says)."""
+    monkeypatch.chdir(ROOT)  # the pipelines name their stage presets relative to the repository
+    cfg = load_config(PipelineConfig, [path], [f"output_root={tmp_path}", "overrides=[data.val_dir=/data/kodak,data.train_shards=/data/shards]"])
+    planned = pipeline.plan(cfg)
+    assert [stage.cfg.name for stage in planned] == [entry.name for entry in cfg.stages]
+    for stage in planned:
+        assert stage.cfg.trainer.max_steps > 0
