@@ -168,10 +168,12 @@ class LLICMModule(StageModule):
         """One dual-ascent step of rate_match: β grows while the codec spends more than its parent.
         Inside the training step, so that a checkpoint taken after it holds the updated β."""
         try:
-            # Every rank takes the same step: the mean log-ratio over the ranks' batches.
-            log_ratio = self.trainer.strategy.reduce(log_ratio, reduce_op="mean")
+            strategy = self.trainer.strategy
         except RuntimeError:  # no trainer attached: one process
-            pass
+            strategy = None
+        if strategy is not None:  # a failing reduce must fail, not leave the ranks' β apart
+            # Every rank takes the same step: the mean log-ratio over the ranks' batches.
+            log_ratio = strategy.reduce(log_ratio, reduce_op="mean")
         self.rate_log_scale += self.cfg.rate_match_step * log_ratio.to(self.rate_log_scale)
 
     def manifest_params(self) -> dict:
