@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from pl_modules.control_branch import CONTROL_KINDS, CONTROLNET_FILE, build_controlnet, controlled_unet
 from pl_modules.latent_tiles import tiled
-from pl_modules.tiny_models import resolve_pretrained
+from pl_modules.presets import resolve_pretrained
 
 LORA_FILE = "unet_lora.safetensors"
 CONV_IN_FILE = "unet_conv_in.safetensors"

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pl_modules.tag_coding import TagError, Vocabulary
-from pl_modules.tiny_models import resolve_pretrained
+from pl_modules.presets import resolve_pretrained
 
 SHIPPED_VOCABULARIES = Path(__file__).resolve().parents[1] / "configs" / "tags"
 TAGGER_KINDS = ("clip", "sidecar", "none")

@@ -1,38 +1,11 @@
 """Small random-initialised models built from config dicts and saved with ``save_pretrained``, so
 tests and CPU presets load them back through the very ``from_pretrained`` path real weights take.
 Untrained, their outputs mean nothing: tiny-sd and tiny-clip exercise real code paths without
-downloads; tiny-pixel is small enough to be trained from scratch on a CPU (prior.train_unet=true)."""
+downloads; tiny-pixel is small enough to be trained from scratch on a CPU (prior.train_unet=true).
+presets.py names them; trained_presets.py trains small ones on first use."""
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
-
-# Bump when a builder changes, so that no stale folder is loaded under a preset's name.
-PRESET_VERSION = 2
-
-
-def resolve_pretrained(name: str) -> str:
-    """A preset's folder (built on first use), or ``name`` unchanged: a hub id or a folder."""
-    return str(preset_folder(name)) if name in PRESETS else name
-
-
-def preset_folder(name: str) -> Path:
-    """The folder of a preset, built on first use in $DIFFCODEC_CACHE (default ~/.cache/diffcodec).
-    Built aside and renamed into place, so concurrent ranks never load a half-written folder."""
-    root = Path(os.environ.get("DIFFCODEC_CACHE", Path.home() / ".cache" / "diffcodec")) / "presets"
-    folder = root / f"{name}-v{PRESET_VERSION}"
-    if not folder.is_dir():
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
-        PRESETS[name](staging)
-        try:
-            staging.rename(folder)
-        except OSError:  # another process finished first; its folder is identical (fixed seeds)
-            shutil.rmtree(staging)
-    return folder
-
 
 def save_tiny_clip(folder: str | Path, image_size: int = 32, seed: int = 0) -> Path:
     """A CLIP with a 2-layer text and vision tower and a character-level BPE tokenizer."""
@@ -106,8 +79,7 @@ def save_tiny_diffusion(folder: str | Path, cross_attention_dim: int = 32, seed:
     Diffusion's structure — 8× VAE downsampling, 4 latent channels, cross-attention UNet, SD's
     noise schedule — at a size a CPU trains in seconds."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     folder = Path(folder)
     torch.manual_seed(seed)
@@ -118,17 +90,31 @@ def save_tiny_diffusion(folder: str | Path, cross_attention_dim: int = 32, seed:
                          block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
                          attention_head_dim=8).save_pretrained(folder / "unet")
+    save_sd_scheduler(folder)
+    save_tiny_text_encoder(folder, cross_attention_dim)
+    return folder
+
+
+def save_sd_scheduler(folder: Path) -> None:
+    """Stable Diffusion's noise schedule and DDIM settings, predicting epsilon."""
+    from diffusers import DDIMScheduler
+
     DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                   clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                   prediction_type="epsilon").save_pretrained(folder / "scheduler")
+
+
+def save_tiny_text_encoder(folder: Path, hidden_size: int) -> None:
+    """A 2-layer CLIP text encoder (text_encoder/) and its character-level tokenizer (tokenizer/)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     tokenizer = tiny_clip_tokenizer()
     tokenizer.save_pretrained(folder / "tokenizer")
     vocab = tokenizer.get_vocab()
-    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=cross_attention_dim, intermediate_size=64,
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=64,
                                  num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
                                  bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
                                  pad_token_id=vocab["<|endoftext|>"])).save_pretrained(folder / "text_encoder")
-    return folder
 
 
 # A chat template for the tiny VLM: role, then the content items in order, images as <image>.
@@ -169,7 +155,3 @@ def save_tiny_vlm(folder: str | Path, image_size: int = 32, seed: int = 0) -> Pa
                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
                    chat_template=TINY_VLM_TEMPLATE).save_pretrained(folder)
     return folder
-
-
-PRESETS = {"tiny-sd": save_tiny_diffusion, "tiny-pixel": save_tiny_pixel_diffusion, "tiny-clip": save_tiny_clip,
-           "tiny-vlm": save_tiny_vlm}

@@ -23,7 +23,7 @@ import torch
 
 from foundation.files import atomic_write_text
 from pl_modules.metrics import Unavailable
-from pl_modules.tiny_models import resolve_pretrained
+from pl_modules.presets import resolve_pretrained
 
 LOG = logging.getLogger(__name__)
 PROMPTS = (

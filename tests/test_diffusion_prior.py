@@ -4,7 +4,8 @@ import torch
 
 from pl_modules.diffusion_prior import (CONV_IN_FILE, LORA_FILE, UNET_FILE, DiffusionPrior, DiffusionPriorConfig,
                                         expand_conv_in)
-from pl_modules.tiny_models import preset_folder, save_tiny_diffusion
+from pl_modules.presets import preset_folder
+from pl_modules.tiny_models import save_tiny_diffusion
 
 pytestmark = pytest.mark.unit
 
@@ -221,16 +222,22 @@ def test_ddim_sampling_is_seeded_and_takes_the_configured_steps(tiny_folder):
     assert not torch.equal(a, model.sample(condition, context[:1], torch.Generator().manual_seed(6)))
 
 
+# The peak from /proc, reset once the model is loaded: ru_maxrss would carry the high-water mark of
+# the parent that forked this process (pytest, after tests that trained something) across exec.
 PEAK_RSS = """
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {root!r})
 from pl_modules.diffusion_prior import DiffusionPrior, DiffusionPriorConfig
+def status_kib(field):
+    line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
+    return int(line.split()[1])
 model = DiffusionPrior(DiffusionPriorConfig(model={folder!r}, vae_tile={tile}, local_files_only=True))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+before = status_kib("VmRSS")
 with torch.no_grad():
     image = model.decode(torch.randn(1, 4, 128, 128))
 assert image.shape == (1, 3, 1024, 1024) and torch.isfinite(image).all()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+print(status_kib("VmHWM") - before)
 """
 
 
