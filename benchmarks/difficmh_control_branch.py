@@ -3,10 +3,11 @@ fed ẑ (``prior.control=controlnet``) against ẑ concatenated to the noisy lat
 conv_in channels (``concat``). Per branch, in a fresh process (peak RSS is per process): trainable
 parameters, training steps/s and peak RSS on the same batches, then the ratios.
 
-    python benchmarks/difficmh_control_branch.py --images ../shared/data/kodak --crop 128 --batch 4
+    python benchmarks/difficmh_control_branch.py --images ../shared/data/kodak --crop 128 --batch 4 \
+        --preset configs/stage2/difficmh-small.yaml
 
-The models are the tiny presets (random weights): this measures cost, not quality; quality needs
-trained presets (issue #12).
+This measures cost, not quality: docs/results.md compares the two branches' reconstructions on the
+trained small-sd preset (configs/stage2/difficmh-small.yaml); the default tiny-sd preset is random.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ print(json.dumps({{"trainable": sum(p.numel() for p in params), "steps_per_s": {
 
 
 def measure(control: str, args: argparse.Namespace) -> dict:
-    script = TRAIN.format(root=str(ROOT), preset=str(ROOT / "configs" / "stage2" / "difficmh-tiny.yaml"),
+    script = TRAIN.format(root=str(ROOT), preset=str(args.preset.resolve()),
                           control=control, images=str(args.images), crop=args.crop, batch=args.batch,
                           warmup=args.warmup, steps=args.steps, threads=args.threads)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
@@ -65,6 +66,8 @@ def measure(control: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "kodak")
+    parser.add_argument("--preset", type=Path, default=ROOT / "configs" / "stage2" / "difficmh-tiny.yaml",
+                        help="the Diff-ICMH config whose models are measured")
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=3)

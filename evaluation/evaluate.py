@@ -34,9 +34,16 @@ class EvaluateConfig:
     images: str = "???"
     """Folder of evaluation images (e.g. ../shared/data/kodak)."""
     models: list[str] = field(default_factory=list)
-    """Stage-1 final/ folders; together they form one curve (e.g. the finals of a λ sweep)."""
+    """Codecs' final/ folders (stage 1, Diff-ICMH, or stage 3 after it), each as a path (a point of the
+    ``models_name`` curve) or 'name=path'; one name's finals form one curve (e.g. a λ sweep's)."""
     models_name: str = "ours"
-    """Name of the learned codecs' curve."""
+    """Name of the curve of the models given without a name."""
+    latent_blocks: list[str] = field(default_factory=lambda: ["down_blocks.0", "down_blocks.1", "mid_block",
+                                                              "up_blocks.1"])
+    """Diff-ICMH finals: UNet blocks at which the feature distance between z and ẑ is reported (beside
+    ``vae_psnr``, the VAE's own decoding of ẑ: what the codec carries before the diffusion decoder)."""
+    latent_timesteps: list[int] = field(default_factory=lambda: [0, 250])
+    """… and the timesteps (noise fixed per image) at which it is measured."""
     classical: list[str] = field(default_factory=lambda: ["jpeg", "webp", "avif", "jpeg2000", "jpegxl", "hevc"])
     """Classical anchors, each at its quality ladder; one unavailable here is skipped with the reason."""
     metrics: list[str] = field(default_factory=lambda: ["psnr", "ms-ssim", "gmsd", "vif", "haarpsi", "lpips",
@@ -146,17 +153,30 @@ def measure_all(metrics: list[str], x_hat: torch.Tensor, x: torch.Tensor) -> dic
 
 def learned_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]) -> list[dict]:
     rows = []
-    for model in cfg.models:
+    for spec in cfg.models:
+        name, model = named_path(spec, cfg.models_name)
         final = load_final(model, need_codec=True)
         decoder, sha = final.model, final.decoder_id
         setting = final.setting  # read up the parent chain once, not per image
-        for index, path in enumerate(tqdm(images, desc=f"{cfg.models_name} λ={setting}", unit="img")):
+        probes = hasattr(decoder, "latent_measures")
+        for index, path in enumerate(tqdm(images, desc=f"{name} {setting}", unit="img")):
             x = to_tensor(load_rgb(path)).unsqueeze(0)
             data, decoded = decoder.round_trip(x, sha, seed=index)
-            rows.append({"method": cfg.models_name, "setting": setting, "image": path.name,
-                         "bpp": 8 * len(data) / (x.shape[-2] * x.shape[-1]),
-                         **measure_all(metrics, decoded, x)})
+            row = {"method": name, "setting": setting, "image": path.name,
+                   "bpp": 8 * len(data) / (x.shape[-2] * x.shape[-1]), **measure_all(metrics, decoded, x)}
+            if probes:
+                row.update(decoder.latent_measures(x, data, sha, cfg.latent_blocks, cfg.latent_timesteps, seed=index))
+            rows.append(row)
     return rows
+
+
+def named_path(spec: str, default_name: str) -> tuple[str, str]:
+    """'name=path' → (name, path); a bare path (which may itself hold '=', as sweep folders do) →
+    (default_name, path)."""
+    name, sep, path = spec.partition("=")
+    if sep and "/" not in name and not Path(spec).exists():
+        return name, path
+    return default_name, spec
 
 
 def restoration_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]) -> list[dict]:
@@ -252,8 +272,9 @@ def write_outputs(out_dir: Path, rows: list[dict], unavailable: dict[str, str],
     for row in rows:
         by_method[row["method"]][row["setting"]].append(row)
     for method, settings in by_method.items():
-        points = sorted((_point(group, metrics, originals) for group in settings.values()), key=lambda p: p["bpp"])
-        keys = ["bpp", *metrics, *(["fid", "kid"] if originals else [])]
+        present = [m for m in metrics if all(m in row for group in settings.values() for row in group)]
+        points = sorted((_point(group, present, originals) for group in settings.values()), key=lambda p: p["bpp"])
+        keys = ["bpp", *present, *(["fid", "kid"] if originals else [])]
         results = {RESULT_KEYS.get(k, k): [p[k] for p in points] for k in keys}
         curves[method] = {"name": method, "description": f"{len(next(iter(settings.values())))} images, bpp from "
                           "file bytes", "results": results, "unavailable": unavailable}

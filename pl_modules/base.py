@@ -33,6 +33,8 @@ class StageModule(L.LightningModule):
     VAL_METRICS: tuple[str, ...] = ()
     PROGRESS_KEY = "loss"
     """The training term the progress bar shows."""
+    RATE_SETTING = "lmbda"
+    """The config field that sets its codec's rate: the label of its RD points (an ancestor's when absent)."""
 
     def __init__(self, cfg):
         super().__init__()

@@ -93,6 +93,7 @@ class DiffICMHModule(StageModule):
     CONFIG = DiffICMHConfig
     VAL_METRICS = ("val/bpp", "val/tag_bpp", "val/psnr", "val/ms_ssim", "val/lpips", "val/latent_mse", "val/sc")
     PROGRESS_KEY = "bpp"
+    RATE_SETTING = "rate_weight"
 
     def __init__(self, cfg: DiffICMHConfig):
         super().__init__(cfg)
@@ -164,18 +165,41 @@ class DiffICMHModule(StageModule):
         return self.prior.encode_text(prompts)
 
     def sc_distance(self, z: torch.Tensor, z_hat: torch.Tensor, blocks: list[str], timestep: str) -> torch.Tensor:
-        """SC between z and ẑ in the pretrained UNet's features, under the empty prompt (the latent's
-        own semantics, not the tags')."""
-        context = self.prior.encode_text([""] * len(z))
+        """SC between z and ẑ at t = 0 (``zero``) or at a random t and noise shared by both (``shared``)."""
         if timestep == "zero":
             t, noise = torch.zeros(len(z), dtype=torch.long, device=z.device), torch.zeros_like(z)
         else:
             t = torch.randint(0, self.prior.scheduler.config.num_train_timesteps, (len(z),), device=z.device)
             noise = torch.randn_like(z)
+        return self.feature_distance(z, z_hat, blocks, t, noise, self.cfg.sc_distance)
+
+    def feature_distance(self, z: torch.Tensor, z_hat: torch.Tensor, blocks: list[str], t: torch.Tensor,
+                         noise: torch.Tensor, distance: str) -> torch.Tensor:
+        """How far ẑ lies from z in the pretrained UNet's features of ``blocks``, both noised alike,
+        under the empty prompt (the latent's own semantics, not the tags')."""
+        context = self.prior.encode_text([""] * len(z))
         with torch.no_grad():
             target = self.prior.base_features(z, blocks, t, noise, context)
-        return semantic_consistency(target, self.prior.base_features(z_hat, blocks, t, noise, context),
-                                    self.cfg.sc_distance)
+        return semantic_consistency(target, self.prior.base_features(z_hat, blocks, t, noise, context), distance)
+
+    @torch.no_grad()
+    def latent_measures(self, x: torch.Tensor, data: bytes, decoder_id: str, blocks: list[str],
+                        timesteps: list[int], seed: int = 0) -> dict[str, float]:
+        """What the file ``data`` of ``x`` carries before the diffusion decoder adds anything:
+        ``vae_psnr``, the PSNR of the VAE's decoding of ẑ itself (8-bit), and ``feat_<block>_t<t>``,
+        the cosine feature distance between z and ẑ per block and timestep (noise fixed by ``seed``).
+        Measured on blocks and timesteps the SC loss did not see, the latter says whether SC made ẑ
+        semantically closer to z or only fitted the features it was trained on."""
+        z = self.prior.encode(pad_to_multiple(x, self.pad_multiple))
+        z_hat = self.decoded_latent(unpack(data), decoder_id)
+        height, width = x.shape[-2:]
+        out = {"vae_psnr": psnr(quantize_8bit(self.prior.decode(z_hat)[..., :height, :width]), x)}
+        noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed)).to(z)
+        for t in timesteps:
+            steps = torch.full((len(z),), t, dtype=torch.long, device=z.device)
+            for block in blocks:
+                out[f"feat_{block}_t{t}"] = self.feature_distance(z, z_hat, [block], steps, noise, "cosine").item()
+        return out
 
     def losses(self, batch: dict):
         x = batch["image"]

@@ -86,11 +86,13 @@ def load_final(path: str | Path, expect_stage: Optional[str] = None, need_codec:
 
 
 def rate_setting(path: str | Path) -> Optional[float]:
-    """λ of this stage, or of the nearest ancestor that has one; None when the chain is broken."""
+    """The rate setting of this stage (λ, or Diff-ICMH's rate weight: the module's RATE_SETTING), or
+    of the nearest ancestor that has one; None when the chain is broken."""
     try:
         manifest = read_manifest(path, verify=False)
     except ManifestError:
         return None
-    if "lmbda" in manifest.params:
-        return manifest.params["lmbda"]
+    key = FINAL_KINDS[manifest.stage].RATE_SETTING if manifest.stage in FINAL_KINDS else "lmbda"
+    if key in manifest.params:
+        return manifest.params[key]
     return rate_setting(manifest.parent) if manifest.parent else None

@@ -202,21 +202,41 @@ def test_the_warm_up_stage_trains_the_codec_alone_and_the_joint_stage_continues_
 @pytest.mark.chain
 def test_evaluate_scores_a_diff_icmh_final_on_the_image_it_generates_from_the_file(trained, small_photos, tmp_path):
     import csv
+    import shutil
 
     from datamodules.images import load_rgb, to_tensor
     from evaluation.evaluate import EvaluateConfig, run
+    from pl_modules.bitstream import pad_to_multiple
     from pl_modules.finals import load_final
     from pl_modules.losses import psnr
 
-    _, joint, _ = trained
-    run(EvaluateConfig(images=str(small_photos), max_images=1, models=[str(joint)], models_name="difficmh", classical=[],
-                       metrics=["psnr"], fid_kid=False, out_dir=str(tmp_path)))
-    row = next(csv.DictReader((tmp_path / "per_image.csv").open()))
+    _, joint, warmup = trained
+    # A bare path may hold '=' (a sweep's point folders do): it is a point of the unnamed curve.
+    warm_copy = tmp_path / "rate_weight=4.0" / "final"
+    shutil.copytree(warmup, warm_copy)
+    run(EvaluateConfig(images=str(small_photos), max_images=1, models=[f"difficmh={joint}", str(warm_copy)],
+                       models_name="warmup", classical=[], metrics=["psnr"], fid_kid=False,
+                       latent_blocks=["mid_block", "down_blocks.0"], latent_timesteps=[0, 300], out_dir=str(tmp_path)))
+    rows = {r["method"]: r for r in csv.DictReader((tmp_path / "per_image.csv").open())}
+    assert set(rows) == {"difficmh", "warmup"} and rows["difficmh"]["setting"] == "4.0"  # the rate weight
+    row = rows["difficmh"]
     final = load_final(joint)
+    model = final.model
     x = to_tensor(load_rgb(sorted(small_photos.iterdir())[0])).unsqueeze(0)
-    data, image = final.model.round_trip(x, final.decoder_id, seed=0)
+    data, image = model.round_trip(x, final.decoder_id, seed=0)
     assert float(row["bpp"]) == pytest.approx(8 * len(data) / x[0, 0].numel())
     assert float(row["psnr"]) == pytest.approx(psnr(image, x), abs=1e-4)
+    # The feature distance between z and the file's ẑ, per block and timestep, as the SC loss measures it.
+    z = model.prior.encode(pad_to_multiple(x, model.pad_multiple))
+    z_hat = model.decoded_latent(unpack(data), final.decoder_id)
+    t, noise = torch.zeros(1, dtype=torch.long), torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
+    expected = model.feature_distance(z, z_hat, ["mid_block"], t, noise, "cosine").item()
+    assert float(row["feat_mid_block_t0"]) == pytest.approx(expected, rel=1e-3, abs=1e-5)
+    assert {f"feat_{b}_t{s}" for b in ("mid_block", "down_blocks.0") for s in (0, 300)} <= set(row)
+    assert all(float(row[k]) > 0 for k in row if k.startswith("feat_"))
+    vae_only = model.prior.decode(z_hat)[..., : x.shape[-2], : x.shape[-1]].mul(255).round().div(255)
+    assert float(row["vae_psnr"]) == pytest.approx(psnr(vae_only, x), abs=1e-3)
+    assert model.feature_distance(z, z, ["mid_block"], t, torch.zeros_like(z), "cosine").item() == pytest.approx(0, abs=1e-6)
 
 
 @pytest.mark.chain
