@@ -137,29 +137,35 @@ class CropSampler:
         return torch.stack([to_tensor(random_crop(self.images[i], crop, self.rng)) for i in picks])
 
 
-def cosine_optimizer(params, recipe: SmallSDRecipe, steps: int):
+def fit(params, recipe: SmallSDRecipe, steps: int, phase: str, batch_loss, status) -> float:
+    """Adam with a cosine decay to zero over ``steps`` on ``batch_loss() -> (loss, tracked value)``;
+    prints ``status(mean tracked value)`` every 200 steps and returns the last 100 steps' mean."""
     optimizer = torch.optim.Adam(params, lr=recipe.lr)
     decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
-    return optimizer, decay
+    recent: list[float] = []
+    for step in range(steps):
+        loss, tracked = batch_loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        decay.step()
+        recent = (recent + [tracked])[-100:]
+        if (step + 1) % 200 == 0 or step + 1 == steps:
+            print(f"small-sd: {phase} step {step + 1}/{steps}, {status(np.mean(recent))}", flush=True)
+    return float(np.mean(recent))
 
 
 def train_vae(vae, crops: CropSampler, recipe: SmallSDRecipe) -> float:
     """MSE on [-1, 1] pixels of a posterior sample's decoding + kl_weight·KL; the last 100 steps' mean MSE
     (on [-1, 1]: 4× the MSE on [0, 1])."""
-    optimizer, decay = cosine_optimizer(vae.parameters(), recipe, recipe.vae_steps)
-    recent: list[float] = []
-    for step in range(recipe.vae_steps):
+    def batch_loss():
         x = crops.batch(recipe.batch_size, recipe.vae_crop) * 2 - 1
         posterior = vae.encode(x).latent_dist
         mse = (vae.decode(posterior.sample()).sample - x).pow(2).mean()
-        loss = mse + recipe.kl_weight * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        decay.step()
-        recent = (recent + [mse.item()])[-100:]
-        _progress("VAE", step, recipe.vae_steps, f"PSNR {psnr_of(np.mean(recent) / 4):.2f} dB")
-    return float(np.mean(recent))
+        return mse + recipe.kl_weight * posterior.kl().mean(), mse.item()
+
+    return fit(vae.parameters(), recipe, recipe.vae_steps, "VAE", batch_loss,
+               lambda mse: f"PSNR {psnr_of(mse / 4):.2f} dB")
 
 
 @torch.no_grad()
@@ -184,22 +190,17 @@ def empty_prompt(folder: Path) -> torch.Tensor:
 
 def train_latent_unet(unet, vae, scheduler, context: torch.Tensor, crops: CropSampler, recipe: SmallSDRecipe) -> float:
     """ε-prediction MSE on the frozen VAE's scaled latents; the last 100 steps' mean."""
-    optimizer, decay = cosine_optimizer(unet.parameters(), recipe, recipe.unet_steps)
-    recent: list[float] = []
-    for step in range(recipe.unet_steps):
+    def batch_loss():
         with torch.no_grad():
-            z = vae.encode(crops.batch(recipe.batch_size, recipe.unet_crop) * 2 - 1).latent_dist.mode() * vae.config.scaling_factor
+            x = crops.batch(recipe.batch_size, recipe.unet_crop) * 2 - 1
+            z = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
         noise = torch.randn_like(z)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z),))
         prediction = unet(scheduler.add_noise(z, noise, t), t, encoder_hidden_states=context.expand(len(z), -1, -1)).sample
         loss = (prediction - noise).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        decay.step()
-        recent = (recent + [loss.item()])[-100:]
-        _progress("latent UNet", step, recipe.unet_steps, f"ε-mse {np.mean(recent):.4f}")
-    return float(np.mean(recent))
+        return loss, loss.item()
+
+    return fit(unet.parameters(), recipe, recipe.unet_steps, "latent UNet", batch_loss, lambda mse: f"ε-mse {mse:.4f}")
 
 
 @torch.no_grad()
@@ -219,8 +220,3 @@ def reconstruction_psnr(vae, paths: list[Path]) -> float:
 def psnr_of(mse_01: float) -> float:
     """PSNR of an MSE measured on [0, 1] images."""
     return 10 * math.log10(1 / max(mse_01, 1e-12))
-
-
-def _progress(phase: str, step: int, steps: int, status: str) -> None:
-    if (step + 1) % 200 == 0 or step + 1 == steps:
-        print(f"small-sd: {phase} step {step + 1}/{steps}, {status}", flush=True)
