@@ -90,6 +90,12 @@ def fixed_length_bits(vocabulary_size: int, k: int) -> int:
     return k * (vocabulary_size - 1).bit_length()
 
 
+def fixed_length_stored_bits(vocabulary_size: int, k: int) -> int:
+    """Fixed-length indices as a file would hold them: k sent the same way (Elias-γ(k + 1)), padded to
+    bytes — the like-for-like comparison with ``encode_tags``, whose only difference is the subset rank."""
+    return 8 * math.ceil((gamma_bits(k + 1) + fixed_length_bits(vocabulary_size, k)) / 8)
+
+
 def encode_tags(tags: list[str], vocabulary: Vocabulary) -> bytes:
     indices = vocabulary.indices(tags)
     k = len(indices)

@@ -4,17 +4,17 @@ from the bitstream. Users pick one by ``kind`` in YAML:
 - ``clip``: CLIP zero-shot over the vocabulary, "a photo of a {tag}." against the image, keeping the
   top-k tags whose probability reaches the threshold (RAM++, the paper's tagger, has no
   transformers port; any CLIP checkpoint does, from a hub id or folder).
-- ``sidecar``: tags shipped with the dataset, one file per image beside it (``<stem>.tags``, one tag
-  per line), for datasets that come with labels.
+- ``sidecar``: tags shipped with the dataset, one file per image (``<stem>.tags``, one tag per line),
+  beside it or in label folders of their own, for datasets that come with labels.
 - ``none``: no tags; the decoder gets the empty prompt.
 
 Every tag must be in the vocabulary: the bitstream codes tags as indices into it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ TAGGER_KINDS = ("clip", "sidecar", "none")
 @dataclass
 class TaggerConfig:
     kind: str = "clip"
-    """clip (zero-shot over the vocabulary), sidecar (<image stem>.tags beside each image) or none."""
+    """clip (zero-shot over the vocabulary), sidecar (a <stem>.tags file per image) or none."""
     vocabulary: str = "coco-80"
     """A vocabulary shipped in configs/tags/ by name (coco-80), or a file: one tag per line. Its order
     is part of the bitstream format."""
@@ -43,6 +43,9 @@ class TaggerConfig:
     """The prompt each tag is put in (kind=clip)."""
     sidecar_suffix: str = ".tags"
     """File suffix of the tag file beside each image (kind=sidecar): kodim01.png → kodim01.tags."""
+    sidecar_dirs: list[str] = field(default_factory=list)
+    """Folders holding the tag files as <stem><suffix> (kind=sidecar), for labels kept apart from the
+    images (configs/tags/labels/); empty: beside each image. A stem found in two of them is refused."""
     vocabulary_digest: str = ""
     """sha256 of the vocabulary, recorded when a model trains; loading it with a vocabulary file that
     no longer matches fails instead of decoding tags into other words."""
@@ -72,16 +75,27 @@ class NoTags(Tagger):
 
 
 class SidecarTags(Tagger):
-    def __init__(self, vocabulary: Vocabulary, suffix: str = ".tags"):
+    def __init__(self, vocabulary: Vocabulary, suffix: str = ".tags", folders: Sequence[str | Path] = ()):
         super().__init__(vocabulary)
-        self.suffix = suffix
+        self.suffix, self.folders = suffix, [Path(f) for f in folders]
+
+    def tag_file(self, path: Path) -> Path:
+        if not self.folders:
+            sidecar = path.with_suffix(self.suffix)
+            if not sidecar.is_file():
+                raise TagError(f"no tag file {sidecar} beside {path} (tagger.kind=sidecar)")
+            return sidecar
+        name = path.stem + self.suffix
+        found = [folder / name for folder in self.folders if (folder / name).is_file()]
+        if len(found) != 1:
+            where = "none of" if not found else "more than one of"
+            raise TagError(f"{name} (for {path}) is in {where} tagger.sidecar_dirs={[str(f) for f in self.folders]}")
+        return found[0]
 
     def __call__(self, image: torch.Tensor, path: Optional[Path] = None) -> list[str]:
         if path is None:
             raise TagError("sidecar tags need the image's file path")
-        sidecar = Path(path).with_suffix(self.suffix)
-        if not sidecar.is_file():
-            raise TagError(f"no tag file {sidecar} beside {path} (tagger.kind=sidecar)")
+        sidecar = self.tag_file(Path(path))
         tags = [line.strip() for line in sidecar.read_text(encoding="utf-8").splitlines() if line.strip()]
         try:
             self.vocabulary.indices(tags)
@@ -132,5 +146,5 @@ def build_tagger(cfg: TaggerConfig) -> Tagger:
     if cfg.kind == "clip":
         return ClipZeroShotTags(vocabulary, cfg.model, cfg.top_k, cfg.threshold, cfg.template)
     if cfg.kind == "sidecar":
-        return SidecarTags(vocabulary, cfg.sidecar_suffix)
+        return SidecarTags(vocabulary, cfg.sidecar_suffix, cfg.sidecar_dirs)
     return NoTags(vocabulary)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pl_modules.tag_coding import (TagError, Vocabulary, decode_tags, encode_tags, fixed_length_bits, rank_bits,
-                                   subset_rank, subset_unrank, tag_set_bits)
+from pl_modules.tag_coding import (TagError, Vocabulary, decode_tags, encode_tags, fixed_length_bits,
+                                   fixed_length_stored_bits, rank_bits, subset_rank, subset_unrank, tag_set_bits)
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.unit
@@ -55,6 +55,15 @@ def test_subset_coding_saves_the_order_and_the_rounding_of_fixed_length_indices(
     assert fixed_length_bits(4585, 10) - rank_bits(4585, 10) == pytest.approx(saved, abs=1)
 
 
+def test_fixed_length_indices_stored_alike_never_cost_less_than_the_subset_code():
+    # COCO-80, by hand: γ(k + 1) + 7k bits padded to bytes: k=0 → 1 → 8, k=1 → 10 → 16, k=2 → 17 → 24, k=3 → 26 → 32
+    assert [fixed_length_stored_bits(80, k) for k in range(4)] == [8, 16, 24, 32]
+    for size in (80, 4585):
+        for k in range(21):
+            subset = 8 * math.ceil(tag_set_bits(size, k) / 8)
+            assert subset <= fixed_length_stored_bits(size, k)  # the same count code; C(V, k) ≤ V^k
+
+
 def test_a_tag_outside_the_vocabulary_is_refused_in_one_line():
     vocabulary = Vocabulary.from_file(ROOT / "configs/tags/coco-80.txt")
     assert len(vocabulary) == 80 and vocabulary.names[:2] == ["person", "bicycle"]
@@ -82,5 +91,7 @@ def test_tag_bits_counts_a_real_folders_tag_sets_as_the_file_holds_them(tmp_path
                    check=True, cwd=ROOT, capture_output=True)
     summary = json.loads(out.read_text())["summary"][0]
     assert summary["images"] == 3 and summary["tags_per_image"] == 2
-    # γ(3) = 3 bits and ⌈log2 C(80, 2)⌉ = 12 bits, padded to 2 bytes; 2 × 7-bit indices; 2 × 13 bits
-    assert (summary["subset_bits_per_image"], summary["fixed_bits_per_image"], summary["paper_bits_per_image"]) == (16, 14, 26)
+    # γ(3) = 3 bits and ⌈log2 C(80, 2)⌉ = 12 bits, padded to 2 bytes; 2 × 7-bit indices, and with γ(3)
+    # padded: 17 bits → 3 bytes; 2 × 13 bits
+    assert (summary["subset_bits_per_image"], summary["fixed_bits_per_image"], summary["fixed_stored_bits_per_image"],
+            summary["paper_bits_per_image"]) == (16, 14, 24, 26)

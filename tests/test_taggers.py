@@ -34,6 +34,22 @@ def test_sidecar_tags_are_read_beside_the_image_and_checked_against_the_vocabula
         tagger(torch.zeros(1, 3, 8, 8), tmp_path / "c.png")
 
 
+def test_sidecar_tags_kept_apart_from_the_images_are_found_by_stem_in_one_label_folder(tmp_path):
+    kodak, bsds = tmp_path / "kodak", tmp_path / "bsds"
+    kodak.mkdir(), bsds.mkdir()
+    (kodak / "kodim01.tags").write_text("boat\n")
+    (bsds / "101085.tags").write_text("")
+    tagger = build_tagger(TaggerConfig(kind="sidecar", sidecar_dirs=[str(kodak), str(bsds)]))
+    image = torch.zeros(1, 3, 8, 8)
+    assert tagger(image, tmp_path / "images" / "kodim01.png") == ["boat"]
+    assert tagger(image, tmp_path / "elsewhere" / "101085.jpg") == []  # an empty file: no tags
+    with pytest.raises(TagError, match=r"kodim02.tags \(for .*\) is in none of tagger.sidecar_dirs"):
+        tagger(image, tmp_path / "kodim02.png")
+    (bsds / "kodim01.tags").write_text("dog\n")
+    with pytest.raises(TagError, match="kodim01.tags .* is in more than one of"):
+        tagger(image, tmp_path / "kodim01.png")
+
+
 def test_no_tags_and_bad_settings():
     assert build_tagger(TaggerConfig(kind="none"))(torch.zeros(1, 3, 8, 8)) == []
     with pytest.raises(ValueError, match="tagger.kind must be one of"):
