@@ -154,8 +154,9 @@ class VLICModule(StageModule):
         # base + 1 and + 2: the global generator, reseeded with base itself, draws the DPO noise,
         # which must not be the noise a reconstruction started from.
         a, b = self.decoder.generate(inputs, base + 1), self.decoder.generate(inputs, base + 2)
-        judged = labels == "judge"
-        prefs = self.judge.prefer(clean, a, b).float() if judged else coin_flips(len(clean), base)
+        prefs = self.judge.prefer(clean, a, b).float()
+        if labels == "coin-flip":
+            prefs = coin_flip_votes(prefs, base)
         return {"condition": inputs["condition"], "context": inputs["context"], "a": a, "b": b,
                 "prefs": prefs.to(clean.device)}
 
@@ -188,7 +189,7 @@ class VLICModule(StageModule):
             raise ValueError("mode=offline reads judged pairs: point data.train_shards at `train.py preference-shards` output")
         prefs = batch["prefs"]
         if self.cfg.labels == "coin-flip":
-            prefs = coin_flips(len(prefs), step_seed(self.cfg.trainer.seed, self.global_step, self.global_rank))
+            prefs = coin_flip_votes(prefs, step_seed(self.cfg.trainer.seed, self.global_step, self.global_rank))
         inputs = self.decoder.decoder_inputs(batch)
         return {"condition": inputs["condition"], "context": inputs["context"], "a": batch["a"], "b": batch["b"],
                 "prefs": prefs.to(batch["a"].device)}
@@ -281,6 +282,9 @@ class VLICModule(StageModule):
         self.pairs = dict(checkpoint.get("vlic_pairs", {}))  # moved to the model's device when used
 
 
-def coin_flips(count: int, seed: int) -> torch.Tensor:
-    """The control run's labels: 1 or 0 (a or b wins) at random, reproducibly from ``seed``."""
-    return torch.randint(0, 2, (count,), generator=torch.Generator().manual_seed(seed)).float()
+def coin_flip_votes(prefs: torch.Tensor, seed: int) -> torch.Tensor:
+    """The control run's labels: every vote the judge cast replaced by 1 or 0 (a or b wins) at random,
+    reproducibly from ``seed``. Its no-votes (ties, failures, judges disagreeing) stay no-votes, so the
+    control trains on the very pairs the judged run keeps."""
+    flips = torch.randint(0, 2, prefs.shape, generator=torch.Generator().manual_seed(seed)).float()
+    return torch.where(torch.isfinite(prefs) & (prefs != 0.5), flips, prefs.float())

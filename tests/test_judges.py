@@ -74,3 +74,15 @@ def test_combined_judges_keep_agreed_pairs_or_average_and_drop_unsure_ones():
 def test_a_metric_undefined_at_this_size_gives_no_vote_not_a_side():
     reference, light, heavy = images()  # 48 px: below MS-SSIM's five scales
     assert judges.build_judge("ms-ssim").prefer(reference, light, heavy).isnan().all()
+
+
+def test_the_control_replaces_every_vote_by_a_coin_flip_and_keeps_the_no_votes():
+    from pl_modules.vlic_module import coin_flip_votes
+
+    prefs = torch.tensor([0.9, float("nan"), 0.5, 0.2] * 8)
+    flips = coin_flip_votes(prefs, seed=5)
+    voted = torch.tensor([True, False, False, True] * 8)
+    assert torch.isnan(flips[1::4]).all() and (flips[2::4] == 0.5).all()  # no-votes stay no-votes
+    assert set(flips[voted].tolist()) == {0.0, 1.0}  # both sides drawn, whatever the judge said
+    again, other = (coin_flip_votes(prefs, seed).nan_to_num(-1) for seed in (5, 6))
+    assert torch.equal(flips.nan_to_num(-1), again) and not torch.equal(flips.nan_to_num(-1), other)
