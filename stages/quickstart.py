@@ -87,9 +87,10 @@ def report(cfg: QuickstartConfig, finals: list[Path], images: Path, out_dir: Pat
     """RD JSONs, CSV and plots of the codec and the anchors, and the post-trained decoder's win rate
     over the stage-2 decoder by the training judge (and a second one). PSNR alone and no restorer
     curves: the table has MS-SSIM, and the whole report must take about a minute on a CPU."""
-    judge = cfg.stage3.judging.judge
-    print(f"\nstage 3 was judged by '{judge}', an offline full-reference metric standing in for a VLM judge "
-          f"(configs/pipelines/ name real ones)")
+    judge, also = cfg.stage3.judging.judge, cfg.stage3.judging.also_judges
+    agreeing = f" (pairs kept where {', '.join(also)} agreed)" if also else ""
+    print(f"\nstage 3 was judged by '{judge}'{agreeing}, offline full-reference metrics standing in for a VLM "
+          f"judge (configs/pipelines/ name real ones)")
     evaluation = evaluate.run(evaluate.EvaluateConfig(
         images=str(images), models=[str(finals[0])], models_name="stage1", classical=list(cfg.anchors),
         metrics=["psnr"], fid_kid=False, tasks=list(cfg.stage2.data.val_tasks), post_trained=[f"vlic={finals[2]}"],

@@ -27,7 +27,7 @@ def test_quickstart_runs_three_stages_reports_a_win_rate_and_skips_finished_stag
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["n_pairs"] == results["n_pairs"] == 2  # two held-out photos, one task, one seed
     assert 0.0 <= saved["win_rate_ci_low"] <= saved["win_rate"] <= saved["win_rate_ci_high"] <= 1.0
-    assert saved["win_judge"] == "psnr" and set(saved["win_rates"]) == {"psnr", "gmsd"}
+    assert saved["win_judge"] == "psnr" and set(saved["win_rates"]) == {"psnr", "haarpsi"}
     rows = saved["stage1"]["held-out photos"]
     # Twelve steps make no codec yet: real bytes and finite numbers are what can be asserted here.
     assert len(rows) == 2 and all(0 < row["bpp"] < 24 and 0 < row["psnr"] < 60 and row["jpeg_psnr_at_bpp"] > 0
