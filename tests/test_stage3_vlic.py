@@ -248,7 +248,10 @@ def test_stage3_post_trains_a_difficmh_decoder_whose_reference_decodes_the_paren
     stream = before.encode(x, "00" * 32, seed=5)
     assert post.encode(x, "00" * 32, seed=5) == stream  # the same encoder, tags included
     with post.prior.adapters_disabled():
-        assert torch.equal(post.decode(stream, "00" * 32), before.decode(stream, "00" * 32))
+        reference, parent = post.decode(stream, "00" * 32), before.decode(stream, "00" * 32)
+    # The reference holds the stage-2 LoRA folded into the base weights: equal to the parent's unfolded
+    # LoRA in exact arithmetic, not bit for bit in float, so a rare 8-bit value may round the other way.
+    assert (reference - parent).abs().max() <= 1 / 255 + 1e-6 and (reference == parent).float().mean() >= 0.999
     results = evaluate(EvaluateConfig(images=str(eval_dir), classical=[], metrics=["psnr"], tasks=["denoise", "dehaze"],
                                       post_trained=[f"vlic={final}"], max_images=2,
                                       restore_crop=64, win_seeds=2, fid_kid=False, out_dir=str(tmp_path / "eval")))
