@@ -162,7 +162,7 @@ class VLICModule(StageModule):
 
     def dpo_terms(self, pairs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prefs = pairs["prefs"]
-        keep = torch.isfinite(prefs) & (prefs != 0.5)  # a tie or a failed judgment is no vote
+        keep = is_vote(prefs)
         a_wins = (prefs > 0.5).view(-1, 1, 1, 1)
         winner = torch.where(a_wins, pairs["a"], pairs["b"])[keep]
         loser = torch.where(a_wins, pairs["b"], pairs["a"])[keep]
@@ -204,7 +204,7 @@ class VLICModule(StageModule):
         terms = self.dpo_terms({k: v.to(self.device) for k, v in self.pairs.items()})
         # Unsure, failed or disagreeing judgments are no votes: how many, and how often judges agreed.
         prefs = self.pairs["prefs"]
-        terms["judge_no_vote"] = (~torch.isfinite(prefs) | (prefs == 0.5)).float().sum()
+        terms["judge_no_vote"] = (~is_vote(prefs)).float().sum()
         terms["judge_failures"] = torch.tensor(float(getattr(self.judge, "failures", 0)))
         terms["judge_agreement"] = torch.tensor(getattr(self.judge, "agreement", 1.0))
         return terms, torch.zeros((), device=terms["loss"].device)
@@ -282,9 +282,14 @@ class VLICModule(StageModule):
         self.pairs = dict(checkpoint.get("vlic_pairs", {}))  # moved to the model's device when used
 
 
+def is_vote(prefs: torch.Tensor) -> torch.Tensor:
+    """Which judgments pick a side: a tie (½), a failure or a disagreement (NaN) is no vote."""
+    return torch.isfinite(prefs) & (prefs != 0.5)
+
+
 def coin_flip_votes(prefs: torch.Tensor, seed: int) -> torch.Tensor:
     """The control run's labels: every vote the judge cast replaced by 1 or 0 (a or b wins) at random,
     reproducibly from ``seed``. Its no-votes (ties, failures, judges disagreeing) stay no-votes, so the
     control trains on the very pairs the judged run keeps."""
     flips = torch.randint(0, 2, prefs.shape, generator=torch.Generator().manual_seed(seed)).float()
-    return torch.where(torch.isfinite(prefs) & (prefs != 0.5), flips, prefs.float())
+    return torch.where(is_vote(prefs), flips, prefs.float())
