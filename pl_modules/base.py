@@ -105,10 +105,12 @@ class StageModule(L.LightningModule):
     def configure_optimizers(self):
         optim = self.cfg.optim
         groups, aux = self.parameter_groups()
-        net = torch.optim.Adam(groups, lr=optim.lr)
+        # foreach: one kernel per step over all tensors, as CUDA does by default; CPU's default steps
+        # each of a codec's many small tensors on its own (about 1.1–1.25× the whole step, stage 1 on 2 cores).
+        net = torch.optim.Adam(groups, lr=optim.lr, foreach=True)
         schedule = LambdaLR(net, lambda step: lr_factor(step, self.cfg.trainer.max_steps, optim.warmup_steps,
                                                          optim.schedule, optim.final_lr_fraction))
-        return [net, *([torch.optim.Adam(aux, lr=optim.aux_lr)] if aux else [])], [schedule]
+        return [net, *([torch.optim.Adam(aux, lr=optim.aux_lr, foreach=True)] if aux else [])], [schedule]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # Quantisation and diffusion noise come from the global generator: reseeding it from

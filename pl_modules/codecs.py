@@ -15,6 +15,7 @@ from compressai.models import (
     MeanScaleHyperprior,
     ScaleHyperprior,
 )
+from compressai.entropy_models import EntropyBottleneck
 from safetensors.torch import load_file, save_file
 from torch.utils.hooks import RemovableHandle
 
@@ -98,7 +99,29 @@ def build_codec(architecture: str, N: int, M: int) -> CompressionModel:
     codec.architecture, codec.pad_multiple = architecture, spec.pad_multiple
     codec.latent_stride, codec.in_channels = spec.latent_stride, spec.in_channels
     codec.string_groups = spec.string_groups
+    for module in codec.modules():
+        if type(module) is EntropyBottleneck:
+            module.__class__ = TraceableEntropyBottleneck
     return codec
+
+
+class TraceableEntropyBottleneck(EntropyBottleneck):
+    """CompressAI's EntropyBottleneck with the same forward pass, state and coder, but its channel
+    permutation spelled in Python ints: CompressAI builds it as a tensor, which splits a compiled
+    training step into seven graphs (one graph trains about 1.15× faster on a CPU)."""
+
+    def forward(self, x: torch.Tensor, training: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        training = self.training if training is None else training
+        # B×C×… to C×B×…: each channel's density sees all of its values; the permutation is its own inverse.
+        perm = (1, 0, *range(2, x.ndim))
+        x = x.permute(*perm).contiguous()
+        shape = x.size()
+        outputs = self.quantize(x.reshape(x.size(0), 1, -1), "noise" if training else "dequantize", self._get_medians())
+        likelihood, _, _ = self._likelihood(outputs)
+        if self.use_likelihood_bound:
+            likelihood = self.likelihood_lower_bound(likelihood)
+        return (outputs.reshape(shape).permute(*perm).contiguous(),
+                likelihood.reshape(shape).permute(*perm).contiguous())
 
 
 class HookHandles:

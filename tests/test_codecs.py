@@ -123,6 +123,26 @@ def test_fast_training_settings_change_speed_not_the_model():
         load_config(CodecModuleConfig, overrides=["codec.architecture=mbt2018", "straight_through=true"])
 
 
+@pytest.mark.parametrize("name", ["bmshj2018-hyperprior", "latent-mean-hyperprior"])
+def test_the_traceable_entropy_bottleneck_is_compressais_forward_in_one_graph(name):
+    import torch._dynamo
+    from compressai.entropy_models import EntropyBottleneck
+
+    codec = build_codec(name, 16, 24).train()
+    bottleneck = codec.entropy_bottleneck
+    z = torch.randn(2, 16, 5, 3) * 4
+    for training in (True, False):
+        torch.manual_seed(0)
+        ours = bottleneck(z, training)
+        torch.manual_seed(0)
+        theirs = EntropyBottleneck.forward(bottleneck, z, training)
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b)
+    x = torch.rand(1, codec.in_channels, 64, 64)
+    # CompressAI's own forward splits this into 7 graphs (its permutation is a tensor).
+    assert torch._dynamo.explain(lambda x: codec(x)["x_hat"])(x).graph_count == 1
+
+
 def test_the_latent_codec_round_trips_a_latent_unclamped_with_minimal_padding():
     from pl_modules.bitstream import pad_to_multiple
 
