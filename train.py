@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--seed", type=int, default=0, help="with --pairs: seed of the synthesis")
     shards.add_argument("--tag-suffix", default=".tags",
                         help="an image's tags (one per line) in the file of this suffix beside it go into its sample")
+    shards.add_argument("--tag-dirs", nargs="+", default=[],
+                        help="look for the tag files in these label folders instead (e.g. configs/tags/labels/kodak)")
     shards.add_argument("--real-pairs", nargs=3, metavar=("DEGRADED_SUFFIX", "CLEAN_SUFFIX", "TASK"),
                         help="with --pairs: real pairs by file-name suffix, e.g. _real _mean denoise (PolyU)")
 
@@ -132,7 +134,7 @@ def run_command(args) -> None:
                                         args.min_size, real_pairs=real)
         else:
             summary = write_shards(args.src_dir, args.out_dir, args.samples_per_shard, args.min_size,
-                                   tag_suffix=args.tag_suffix)
+                                   tag_suffix=args.tag_suffix, tag_dirs=args.tag_dirs)
         print(summary.report())
     elif args.command == "compress":
         from pl_modules.codec_io import compress_file

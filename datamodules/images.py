@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -21,6 +22,20 @@ def list_images(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def find_tag_file(image: Path, suffix: str = ".tags", folders: Sequence[str | Path] = ()) -> Path | None:
+    """An image's tag file, ``<stem><suffix>``: beside it, or, given label ``folders`` (labels kept
+    apart from the images, e.g. configs/tags/labels/), in exactly one of them; None where there is
+    none. A stem in two folders is refused: which labels belong to the image would be a guess."""
+    if not folders:
+        sidecar = image.with_suffix(suffix)
+        return sidecar if sidecar.is_file() else None
+    name = image.stem + suffix
+    found = [Path(folder) / name for folder in folders if (Path(folder) / name).is_file()]
+    if len(found) > 1:
+        raise ValueError(f"{name} (for {image}) is in more than one of {[str(f) for f in folders]}")
+    return found[0] if found else None
 
 
 def load_rgb(source: str | Path | bytes) -> np.ndarray:

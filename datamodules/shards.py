@@ -11,13 +11,14 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from datamodules.images import list_images, load_rgb
+from datamodules.images import find_tag_file, list_images, load_rgb
 from foundation.files import atomic_write_text
 
 INDEX = "index.json"
@@ -90,12 +91,16 @@ def encode_sample(path: Path) -> tuple[str, bytes, tuple[int, int]]:
 
 
 def write_shards(src_dir: str | Path, out_dir: str | Path, samples_per_shard: int = 100,
-                 min_size: int = 0, progress: bool = True, tag_suffix: str = ".tags") -> ShardSummary:
+                 min_size: int = 0, progress: bool = True, tag_suffix: str = ".tags",
+                 tag_dirs: Sequence[str | Path] = ()) -> ShardSummary:
     """Every readable image of at least ``min_size`` px on its short side, in sorted path order;
-    an image's tags travel with it when a tag file (``<stem><tag_suffix>``, one tag per line) lies
-    beside it (Diff-ICMH trains on them with tagger.kind=sidecar)."""
+    an image's tags travel with it when it has a tag file (``<stem><tag_suffix>``, one tag per line)
+    beside it or, given ``tag_dirs``, in one of those label folders (Diff-ICMH trains on them with
+    tagger.kind=sidecar)."""
     src_dir = Path(src_dir)
     files = list_images(src_dir)
+    # Looked up before anything is written: an ambiguous label refuses the whole set, not half of it.
+    tag_files = {path: find_tag_file(path, tag_suffix, tag_dirs) for path in files}
     sink = ShardSink(Path(out_dir), samples_per_shard)
     for path in tqdm(files, desc="shards", unit="img", disable=not progress):
         rel = path.relative_to(src_dir).as_posix()
@@ -108,9 +113,8 @@ def write_shards(src_dir: str | Path, out_dir: str | Path, samples_per_shard: in
             sink.summary.skipped.append((rel, f"{width}x{height} is smaller than min_size={min_size}"))
             continue
         meta = {"source": rel, "height": height, "width": width}
-        tag_file = path.with_suffix(tag_suffix)
-        if tag_file.is_file():
-            meta["tags"] = [line.strip() for line in tag_file.read_text().splitlines() if line.strip()]
+        if tag_files[path] is not None:
+            meta["tags"] = [line.strip() for line in tag_files[path].read_text().splitlines() if line.strip()]
         sink.write({ext: data, "json": json.dumps(meta).encode()})
     return sink.close(src_dir)
 

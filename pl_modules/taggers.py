@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from datamodules.images import find_tag_file
 from pl_modules.tag_coding import TagError, Vocabulary
 from pl_modules.presets import resolve_pretrained
 
@@ -80,17 +81,15 @@ class SidecarTags(Tagger):
         self.suffix, self.folders = suffix, [Path(f) for f in folders]
 
     def tag_file(self, path: Path) -> Path:
-        if not self.folders:
-            sidecar = path.with_suffix(self.suffix)
-            if not sidecar.is_file():
-                raise TagError(f"no tag file {sidecar} beside {path} (tagger.kind=sidecar)")
-            return sidecar
-        name = path.stem + self.suffix
-        found = [folder / name for folder in self.folders if (folder / name).is_file()]
-        if len(found) != 1:
-            where = "none of" if not found else "more than one of"
-            raise TagError(f"{name} (for {path}) is in {where} tagger.sidecar_dirs={[str(f) for f in self.folders]}")
-        return found[0]
+        try:
+            found = find_tag_file(path, self.suffix, self.folders)
+        except ValueError as err:
+            raise TagError(f"{err} (tagger.sidecar_dirs)") from None
+        if found is None:
+            raise TagError(f"{path.stem + self.suffix} (for {path}) is in none of tagger.sidecar_dirs="
+                           f"{[str(f) for f in self.folders]}" if self.folders
+                           else f"no tag file {path.with_suffix(self.suffix)} beside {path} (tagger.kind=sidecar)")
+        return found
 
     def __call__(self, image: torch.Tensor, path: Optional[Path] = None) -> list[str]:
         if path is None:

@@ -1,4 +1,5 @@
 import hashlib
+import itertools
 import json
 
 import numpy as np
@@ -51,6 +52,29 @@ def test_shards_convert_to_rgb_skip_unreadable_and_small_and_are_deterministic(m
     first = next(raw_samples(read_index(tmp_path / "a"), seed=0, stream=0, skip=0))
     meta = json.loads(first["json"])
     assert meta["source"] in {p.name for p in messy_folder.iterdir()} and min(meta["height"], meta["width"]) >= 64
+
+
+def test_shards_take_tags_from_label_folders_and_refuse_a_stem_labelled_twice(tmp_path, photo_dir):
+    images, labels, more = tmp_path / "images", tmp_path / "labels", tmp_path / "more"
+    for folder in (images, labels, more):
+        folder.mkdir()
+    paths = sorted(photo_dir.iterdir())[:3]
+    for path in paths:
+        Image.open(path).convert("RGB").save(images / (path.stem + ".png"))
+    (labels / f"{paths[0].stem}.tags").write_text("person\ndog\n")
+    (more / f"{paths[1].stem}.tags").write_text("zebra\n")
+    (images / f"{paths[2].stem}.tags").write_text("cat\n")  # beside the image: not read when folders are given
+    write_shards(images, tmp_path / "shards", progress=False, tag_dirs=[labels, more])
+    tags = {}
+    for sample in itertools.islice(raw_samples(read_index(tmp_path / "shards"), seed=0, stream=0, skip=0), 3):
+        meta = json.loads(sample["json"])
+        tags[meta["source"]] = meta.get("tags")
+    assert tags == {f"{paths[0].stem}.png": ["person", "dog"], f"{paths[1].stem}.png": ["zebra"],
+                    f"{paths[2].stem}.png": None}
+    (more / f"{paths[0].stem}.tags").write_text("cat\n")
+    with pytest.raises(ValueError, match=f"{paths[0].stem}.tags .* is in more than one of"):
+        write_shards(images, tmp_path / "ambiguous", progress=False, tag_dirs=[labels, more])
+    assert not (tmp_path / "ambiguous").exists()  # refused before anything was written
 
 
 def test_worker_position_replays_the_round_robin_of_an_uninterrupted_loader():
