@@ -219,11 +219,12 @@ class DiffusionPrior(nn.Module):
         return self.text_model(tokens).last_hidden_state
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] → scaled latents (the posterior mean: deterministic), or pixels in [-1, 1]."""
+        """Images in [0, 1] → scaled latents (the posterior mean: deterministic), or pixels in [-1, 1];
+        float32 whatever the VAE's dtype, as :meth:`decode` (a latent codec's weights are float32)."""
         if self.vae is None:
             return image * 2 - 1
         with self._frozen_autocast(image.device):
-            return self.vae.encode(image * 2 - 1).latent_dist.mode() * self.latent_scale
+            return self.vae.encode(image * 2 - 1).latent_dist.mode().float() * self.latent_scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         # float32 out whatever the VAE's dtype: metrics and codecs downstream expect it.

@@ -178,6 +178,21 @@ def test_a_photo_round_trips_through_a_file_deterministically_with_its_tags(trai
         final.model.decode(unpack(damaged), "11" * 32)
 
 
+@pytest.mark.stage
+def test_a_model_with_its_frozen_weights_in_bf16_codes_a_photo_outside_training(models, shard_dir, small_photos):
+    """SD-sized configs store the frozen VAE and UNet in bf16: the latent reaching the float32
+    codec must be float32 without a training step's autocast around it (compress, evaluate)."""
+    from datamodules.images import load_rgb, to_tensor
+    from pl_modules.codec_module import IN_MEMORY_ID
+
+    module = DiffICMHModule(config(models, shard_dir, small_photos, "prior.frozen_dtype=bfloat16")).eval()
+    module.codec.update(force=True)
+    assert next(module.prior.vae.parameters()).dtype == torch.bfloat16
+    x = to_tensor(load_rgb(sorted(small_photos.iterdir())[0])).unsqueeze(0)
+    data, image = module.round_trip(x, IN_MEMORY_ID)
+    assert len(data) > 0 and image.dtype == torch.float32 and image.shape == x.shape
+
+
 @pytest.mark.chain
 def test_the_warm_up_stage_trains_the_codec_alone_and_the_joint_stage_continues_from_it(trained):
     from foundation.manifest import read_manifest
