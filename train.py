@@ -10,6 +10,8 @@ CONFIG_EPILOG = "config keys (set with key=value; YAML files given with -c are m
 EXIT_CONFIG, EXIT_FAILED = 2, 1
 EXIT_REQUEUED = 3
 """Stopped on SIGUSR1 after saving last.ckpt (and requeued under SLURM): the same command resumes."""
+DEVICE_HELP = ("where the networks run: auto (the GPU when there is one), cpu, cuda, cuda:1; the entropy "
+               "codec always runs on the CPU, so a file decodes the same on any machine")
 
 
 def schema_help(schema) -> str:
@@ -102,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("-m", "--model", required=True, help="a final/ folder of any stage with a codec")
     compress.add_argument("-o", "--output", required=True)
     compress.add_argument("--seed", type=int, default=0, help="a diffusion decoder's sampling seed, kept in the file")
+    compress.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     decompress = sub.add_parser("decompress", help="decode a bitstream file into a PNG")
     decompress.add_argument("bitstream")
@@ -110,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "decoder id the file names)")
     decompress.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                             help="refuse a file that claims a larger image (default: 16384²)")
+    decompress.add_argument("--device", default="auto", help=DEVICE_HELP)
     return parser
 
 
@@ -139,12 +143,14 @@ def run_command(args) -> None:
     elif args.command == "compress":
         from pl_modules.codec_io import compress_file
 
-        result = compress_file(args.image, args.model, args.output, args.seed)
+        result = compress_file(args.image, args.model, args.output, args.seed, args.device)
         print(f"{result.path}: {result.num_bytes} bytes, {result.width}x{result.height}, {result.bpp:.4f} bpp")
     elif args.command == "decompress":
         from pl_modules.codec_io import decompress_file
 
-        print(f"wrote {decompress_file(args.bitstream, args.output, args.model, max_pixels=args.max_pixels)}")
+        written = decompress_file(args.bitstream, args.output, args.model, max_pixels=args.max_pixels,
+                                  device=args.device)
+        print(f"wrote {written}")
     elif args.command == "bd-rate":
         import json
 

@@ -81,6 +81,9 @@ class EvaluateConfig:
     """Processes coding the classical anchors in parallel."""
     max_images: int = 0
     """Evaluate the first this-many images only (0: all)."""
+    device: str = "auto"
+    """Where the learned models run: auto (the GPU when there is one), cpu, cuda, cuda:1; their
+    entropy codecs stay on the CPU, so the files are the ones any machine decodes."""
 
 
 def run(cfg: EvaluateConfig) -> dict[str, dict]:
@@ -125,7 +128,7 @@ def win_rates(cfg: EvaluateConfig, images: list[Path]) -> dict[str, dict]:
     results = {}
     for spec in cfg.post_trained:
         name, _, folder = spec.partition("=")
-        final = load_final(folder, need_codec=True)
+        final = load_final(folder, need_codec=True, device=cfg.device)
         if not hasattr(final.model, "generate_reference"):
             raise ValueError(f"post_trained '{name}': a {final.manifest.stage} model has no reference to be compared with")
         prefs = preference.paired_preferences(final, images, cfg.tasks, cfg.win_seeds, judges, cfg.restore_crop)
@@ -155,13 +158,14 @@ def learned_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]) ->
     rows = []
     for spec in cfg.models:
         name, model = named_path(spec, cfg.models_name)
-        final = load_final(model, need_codec=True)
+        final = load_final(model, need_codec=True, device=cfg.device)
         decoder, sha = final.model, final.decoder_id
         setting = final.setting  # read up the parent chain once, not per image
         probes = hasattr(decoder, "latent_measures")
         for index, path in enumerate(tqdm(images, desc=f"{name} {setting}", unit="img")):
             x = to_tensor(load_rgb(path)).unsqueeze(0)
             data, decoded = decoder.round_trip(x, sha, seed=index)
+            decoded = decoded.cpu()
             row = {"method": name, "setting": setting, "image": path.name,
                    "bpp": 8 * len(data) / (x.shape[-2] * x.shape[-1]), **measure_all(metrics, decoded, x)}
             if probes:
@@ -199,7 +203,7 @@ def restoration_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]
         name, _, folder = spec.partition("=")
         if not folder:
             raise ValueError(f"restorer '{spec}' must be 'name=path/to/final'")
-        final = load_final(folder, need_codec=True)
+        final = load_final(folder, need_codec=True, device=cfg.device)
         if not hasattr(final.model, "restore"):
             raise ValueError(f"restorer '{name}': a {final.manifest.stage} model does not restore images")
         model, sha = final.model, final.decoder_id
@@ -211,7 +215,7 @@ def restoration_rows(cfg: EvaluateConfig, images: list[Path], metrics: list[str]
                 degraded = to_tensor(degrade(clean, task, seed)).unsqueeze(0)
                 data, decoded = round_trip(model.codec, degraded, sha)
                 target = to_tensor(clean).unsqueeze(0)
-                restored = [measure_all(metrics, model.restore(decoded, seed * cfg.restore_seeds + k)[0], target)
+                restored = [measure_all(metrics, model.restore(decoded, seed * cfg.restore_seeds + k)[0].cpu(), target)
                             for k in range(cfg.restore_seeds)]
                 # FID/KID against the crop that was restored, not the whole original.
                 reference = {"_inception_ref": distribution.inception_features(target)} if _WORKER["fid"] else {}

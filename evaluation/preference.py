@@ -35,7 +35,7 @@ def paired_preferences(final: Final, images: list[Path], tasks: list[str], seeds
             inputs = model.decoder_inputs(batch)
             for k in range(seeds):
                 seed = index * seeds + k
-                post, reference = model.generate(inputs, seed), model.generate_reference(inputs, seed)
+                post, reference = model.generate(inputs, seed).cpu(), model.generate_reference(inputs, seed).cpu()
                 for name, judge in judges.items():
                     per_image[name].append(judge.prefer(target, post, reference).item())
                 per_image["psnr_post"].append(psnr(post, target))

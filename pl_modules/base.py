@@ -89,7 +89,7 @@ class StageModule(L.LightningModule):
 
     def decode(self, stream: Bitstream, decoder_id: str) -> torch.Tensor:
         """The model's output image from a bitstream it wrote."""
-        return self.reconstruct(decode_image(self.codec, stream, decoder_id), stream.sampler)
+        return self.reconstruct(decode_image(self.codec, stream, decoder_id).to(self.device), stream.sampler)
 
     def round_trip(self, x: torch.Tensor, decoder_id: str, seed: int = 0) -> tuple[bytes, torch.Tensor]:
         """(the file's bytes, the image evaluate scores as this model's): the codec's decoded image

@@ -181,7 +181,7 @@ def encode_image(model, x: torch.Tensor, decoder_id: str, sampler: Optional[Samp
     if x.shape[1] != model.in_channels:
         raise BitstreamError(f"the codec takes {model.in_channels}-channel images, got {x.shape[1]} channels")
     height, width = x.shape[-2:]
-    out = model.compress(pad_to_multiple(x, model.pad_multiple))
+    out = model.compress(pad_to_multiple(x.to(codec_device(model)), model.pad_multiple))
     strings = [[bytes(s) for s in group] for group in out["strings"]]
     return Bitstream(decoder_id, height, width, tuple(int(d) for d in out["shape"]), strings,
                      codec=model.architecture, sampler=sampler)
@@ -199,6 +199,11 @@ def decode_output(model, stream: Bitstream, decoder_id: str, input_stride: int =
         return model.decompress(stream.strings, list(stream.latent_shape))["x_hat"]
     except (RuntimeError, ValueError, IndexError, AssertionError) as err:
         raise BitstreamError(f"bitstream does not decode with this codec: {str(err).splitlines()[0]}") from None
+
+
+def codec_device(model) -> torch.device:
+    """Where a codec computes (the CPU, outside training: finals.place says why)."""
+    return next(model.parameters()).device
 
 
 def decode_image(model, stream: Bitstream, decoder_id: str) -> torch.Tensor:

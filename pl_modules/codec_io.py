@@ -26,9 +26,11 @@ class CompressResult:
         return 8 * self.num_bytes / (self.height * self.width)
 
 
-def compress_file(image_path: str | Path, model_dir: str | Path, out_path: str | Path, seed: int = 0) -> CompressResult:
-    """``seed``: the diffusion decoder's sampling seed, written into the file (ignored by plain codecs)."""
-    final = load_final(model_dir, need_codec=True)
+def compress_file(image_path: str | Path, model_dir: str | Path, out_path: str | Path, seed: int = 0,
+                  device: str = "cpu") -> CompressResult:
+    """``seed``: the diffusion decoder's sampling seed, written into the file (ignored by plain codecs);
+    ``device``: where the networks run (the entropy codec always on the CPU: finals.place)."""
+    final = load_final(model_dir, need_codec=True, device=device)
     x = to_tensor(load_rgb(Path(image_path))).unsqueeze(0)
     data = pack(final.model.encode(x, final.decoder_id, seed, Path(image_path)))
     atomic_write_bytes(out_path, data)
@@ -38,16 +40,16 @@ def compress_file(image_path: str | Path, model_dir: str | Path, out_path: str |
 
 def decompress_file(bin_path: str | Path, out_path: str | Path, model_dir: str | Path | None = None,
                     search_roots: tuple[str | Path, ...] = ("checkpoints",),
-                    max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
+                    max_pixels: int = DEFAULT_MAX_PIXELS, device: str = "cpu") -> Path:
     stream = unpack(Path(bin_path).read_bytes(), max_pixels)
     if model_dir is None:
         model_dir = find_model(stream, search_roots)
-    final = load_final(model_dir, need_codec=True)
+    final = load_final(model_dir, need_codec=True, device=device)
     if stream.version == 1:  # named the codec's weights alone, and held a codec's image only
         decoded = decode_image(final.codec, stream, final.manifest.weights[CODEC_FILE])
     else:
         decoded = final.model.decode(stream, final.decoder_id)
-    save_png(decoded, out_path)
+    save_png(decoded.cpu(), out_path)
     return Path(out_path)
 
 

@@ -19,8 +19,8 @@ from torchmetrics.functional.image import multiscale_structural_similarity_index
 
 from foundation.config import ModuleConfig
 from pl_modules.base import StageModule
-from pl_modules.bitstream import (Bitstream, BitstreamError, Sampler, decode_output, pack, pad_to_multiple,
-                                  quantize_8bit, unpack)
+from pl_modules.bitstream import (Bitstream, BitstreamError, Sampler, codec_device, decode_output, pack,
+                                  pad_to_multiple, quantize_8bit, unpack)
 from pl_modules.codec_module import IN_MEMORY_ID
 from pl_modules.codecs import (ARCHITECTURES, CODEC_FILE, CodecConfig, build_codec, codec_state, load_codec_weights,
                                round_straight_through, split_parameters)
@@ -190,6 +190,7 @@ class DiffICMHModule(StageModule):
         the cosine feature distance between z and ẑ per block and timestep (noise fixed by ``seed``).
         Measured on blocks and timesteps the SC loss did not see, the latter says whether SC made ẑ
         semantically closer to z or only fitted the features it was trained on."""
+        x = x.to(self.device)
         z = self.prior.encode(pad_to_multiple(x, self.pad_multiple))
         z_hat = self.decoded_latent(unpack(data), decoder_id)
         height, width = x.shape[-2:]
@@ -230,7 +231,8 @@ class DiffICMHModule(StageModule):
         if x.shape[1] != 3:
             raise BitstreamError(f"Diff-ICMH codes RGB images, got {x.shape[1]} channels")
         tags = encode_tags(self.tagger(x, path), self.tagger.vocabulary)
-        out = self.codec.compress(self.prior.encode(pad_to_multiple(x, self.pad_multiple)))
+        z = self.prior.encode(pad_to_multiple(x.to(self.device), self.pad_multiple))
+        out = self.codec.compress(z.to(codec_device(self.codec)))
         return Bitstream(decoder_id, x.shape[-2], x.shape[-1], tuple(int(d) for d in out["shape"]),
                          [[bytes(s) for s in group] for group in out["strings"]], codec=self.codec.architecture,
                          sampler=self.sampler_settings(seed), tags=tags)
@@ -238,7 +240,7 @@ class DiffICMHModule(StageModule):
     def decoded_latent(self, stream: Bitstream, decoder_id: str) -> torch.Tensor:
         if stream.sampler is None or stream.tags is None:
             raise BitstreamError("a Diff-ICMH bitstream carries its sampler settings and tag section; this one does not")
-        return decode_output(self.codec, stream, decoder_id, input_stride=self.prior.vae_scale)
+        return decode_output(self.codec, stream, decoder_id, input_stride=self.prior.vae_scale).to(self.device)
 
     def stream_tags(self, stream: Bitstream) -> list[str]:
         try:
@@ -256,7 +258,7 @@ class DiffICMHModule(StageModule):
     def sample(self, z_hat: torch.Tensor, context: torch.Tensor, sampler: Sampler) -> torch.Tensor:
         """Images generated from ẑ and the tags' tokens, guided as ``sampler`` says."""
         unconditional = self.prior.encode_text([""] * len(z_hat)) if sampler.guidance != 1.0 else None
-        generator = torch.Generator(device=z_hat.device).manual_seed(sampler.seed)
+        generator = torch.Generator().manual_seed(sampler.seed)
         latents = self.prior.sample(z_hat, context, generator, sampler.steps, sampler.guidance, unconditional)
         return self.prior.decode(latents)
 

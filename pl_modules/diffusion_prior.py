@@ -279,8 +279,11 @@ class DiffusionPrior(nn.Module):
         with ``guidance`` ≠ 1, classifier-free guidance away from the ``unconditional`` context
         (the condition latent is kept in both passes: only the text is guided)."""
         self.scheduler.set_timesteps(steps or self.cfg.sample_steps, device=condition.device)
+        # Drawn where the generator lives (the CPU, for decoders): a file's seed starts the same
+        # noise on every device, so CPU and GPU decodes differ by float rounding alone.
         latents = torch.randn(condition.shape[0], self.unet.config.out_channels, *condition.shape[-2:],
-                              generator=generator, device=condition.device, dtype=condition.dtype)
+                              generator=generator, device=generator.device if generator else condition.device,
+                              dtype=condition.dtype).to(condition.device)
         latents = latents * self.scheduler.init_noise_sigma
         for t in self.scheduler.timesteps:
             noisy, timesteps = self.scheduler.scale_model_input(latents, t), t.expand(len(latents))

@@ -9,6 +9,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
+import torch
+from compressai.models import CompressionModel
+
 from foundation.config import load_config
 from foundation.manifest import Manifest, ManifestError, manifest_path, read_manifest
 from pl_modules.base import StageModule
@@ -72,7 +75,9 @@ def module_config(module: type[StageModule], manifest: Manifest, folder: Path):
     return load_config(module.CONFIG, [{k: v for k, v in saved.items() if k in names}])
 
 
-def load_final(path: str | Path, expect_stage: Optional[str] = None, need_codec: bool = False) -> Final:
+def load_final(path: str | Path, expect_stage: Optional[str] = None, need_codec: bool = False,
+               device: str | torch.device = "cpu") -> Final:
+    """``device``: where the networks run (``auto``: the GPU when there is one; see :func:`place`)."""
     manifest = read_manifest(path, expect_stage=expect_stage)
     folder = manifest_path(path).parent
     if manifest.stage not in FINAL_KINDS:
@@ -82,7 +87,35 @@ def load_final(path: str | Path, expect_stage: Optional[str] = None, need_codec:
     module = FINAL_KINDS[manifest.stage]
     model = module(module_config(module, manifest, folder))
     model.load_final_states(folder)
-    return Final(model.eval(), manifest, folder)
+    return Final(place(model.eval(), resolve_device(device)), manifest, folder)
+
+
+def place(model: StageModule, device: str | torch.device) -> StageModule:
+    """The model on ``device`` but its entropy codecs on the CPU. Both ends of a bitstream must
+    compute the same probabilities bit for bit, and GPU kernels differ between cards, drivers and
+    runs (a file written on one machine decodes to garbage on another: CompressAI #279); the codec
+    is the small part, the diffusion decoder the one worth a GPU."""
+    model.to(device)
+    for module in model.modules():
+        if isinstance(module, CompressionModel):
+            module.cpu()
+    return model
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto``: the GPU when there is one; a named device that is absent is refused in one line."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}': no CUDA device here (use cpu or auto)")
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)  # an absent device or ordinal fails here, not halfway through a model
+    except (RuntimeError, AssertionError) as err:
+        raise ValueError(f"device '{name}': {str(err).splitlines()[0].split('. ')[0]}") from None
+    return device
 
 
 def rate_setting(path: str | Path) -> Optional[float]:

@@ -187,7 +187,7 @@ class LLICMModule(StageModule):
     @torch.no_grad()
     def restore(self, decoded: torch.Tensor, seed: int, steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(restored image, task logits) from a decoded image, sampled with a fixed seed."""
-        inputs = self.inputs_of_decoded(decoded)
+        inputs = self.inputs_of_decoded(decoded.to(self.device))
         return self.generate(inputs, seed, steps), inputs["logits"]
 
     # ---- the diffusion-decoder interface stage 3 post-trains through ---------------------------
@@ -199,7 +199,7 @@ class LLICMModule(StageModule):
         decoded = batch.get("decoded")
         if decoded is None:
             streams = [encode_image(self.codec, x[None], IN_MEMORY_ID) for x in batch["degraded"]]
-            decoded = torch.cat([decode_image(self.codec, s, IN_MEMORY_ID) for s in streams])
+            decoded = torch.cat([decode_image(self.codec, s, IN_MEMORY_ID) for s in streams]).to(self.device)
             return {**self.inputs_of_decoded(decoded), "bpp": torch.tensor([s.bits_per_pixel() for s in streams])}
         return self.inputs_of_decoded(decoded)
 
@@ -210,7 +210,7 @@ class LLICMModule(StageModule):
     @torch.no_grad()
     def generate(self, inputs: dict[str, torch.Tensor], seed: int, steps: int | None = None) -> torch.Tensor:
         """The restored images of :meth:`decoder_inputs`, sampled from a fixed seed."""
-        generator = torch.Generator(device=inputs["condition"].device).manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
         return self.prior.decode(self.prior.sample(inputs["condition"], inputs["context"], generator, steps))
 
     def sampler_settings(self, seed: int) -> Sampler:

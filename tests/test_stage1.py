@@ -164,6 +164,23 @@ def test_decompress_without_a_model_finds_it_by_the_hash_in_the_file(trained_run
     assert np.array_equal(np.asarray(Image.open(runs / "y.png")), to_uint8(decode_image(codec, encode_image(codec, x, sha), sha)))
 
 
+@pytest.mark.stage
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refusing an absent GPU needs a machine without one")
+def test_a_device_that_is_not_here_is_refused_in_one_line_and_nothing_is_written(trained_run, eval_dir, tmp_path,
+                                                                                  capsys):
+    _, final = trained_run
+    image, out = list_images(eval_dir)[0], tmp_path / "x.bin"
+    assert main(["compress", str(image), "-m", str(final), "-o", str(out), "--device", "cuda"]) == 1
+    assert main(["compress", str(image), "-m", str(final), "-o", str(out), "--device", "tpu9"]) == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and "no CUDA device here" in errors[0] and "device 'tpu9': Invalid" in errors[1]
+    assert not out.exists()
+    assert main(["compress", str(image), "-m", str(final), "-o", str(out), "--device", "auto"]) == 0
+    assert main(["decompress", str(out), "-o", str(tmp_path / "x.png"), "-m", str(final), "--device", "cpu"]) == 0
+    # Outside training the entropy codec computes on the CPU whatever the device (finals.place).
+    assert {p.device.type for p in load_final(final, device="auto").codec.parameters()} == {"cpu"}
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "other-model"])
 @pytest.mark.stage
 def test_damaged_or_foreign_bitstreams_fail_with_one_line(damage, trained_run, eval_dir, tmp_path, capsys,
