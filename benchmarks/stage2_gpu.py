@@ -11,6 +11,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -40,16 +41,26 @@ def save_clip_l_vision(folder: Path) -> Path:
 
 
 def timed_run(overrides: list[str], warmup: int, steps: int, stage=stage2_llicm,
-              schema=stage2_llicm.Stage2LLICMConfig) -> tuple[float, float]:
+              schema=stage2_llicm.Stage2LLICMConfig, presets: Sequence[Path] = ()) -> tuple[float, float]:
     """(steps/s after ``warmup`` steps, peak GPU memory in GiB) of a real run of ``stage``."""
-    cfg = load_config(schema, overrides=[
+    cfg = load_config(schema, presets, overrides=[
         *overrides, f"trainer.max_steps={warmup + steps}", f"trainer.val_every={10 * (warmup + steps)}",
         "trainer.checkpoint_every=1000000", "trainer.progress_bar=false"])
     timer = StepTimer(warmup)
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak()
     with trainer_module.extra_callbacks(timer):
         stage.run(cfg)
-    return steps / (timer.end - timer.start), torch.cuda.max_memory_allocated() / 2**30
+    return steps / (timer.end - timer.start), peak_gib()
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    """Peak GPU memory since :func:`reset_peak`; NaN on a CPU (a benchmark's dry run)."""
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
 def gpu_arguments(doc: str, warmup: int, steps: int) -> argparse.Namespace:
@@ -60,7 +71,7 @@ def gpu_arguments(doc: str, warmup: int, steps: int) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=warmup)
     parser.add_argument("--steps", type=int, default=steps)
     args = parser.parse_args()
-    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    print(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run)", torch.__version__, flush=True)
     return args
 
 
@@ -87,11 +98,12 @@ def main() -> None:
 
 
 def compare_precisions(label: str, arms: dict[str, list[str]], common: list[str], args, stage=stage2_llicm,
-                       schema=stage2_llicm.Stage2LLICMConfig) -> None:
+                       schema=stage2_llicm.Stage2LLICMConfig, presets: Sequence[Path] = ()) -> None:
     """The fp32 arm and the bf16 arm (first and second) side by side in one process, and their ratio."""
     results = {}
     for name, extra in arms.items():
-        results[name] = timed_run([*common, f"run={name.split(',')[0]}", *extra], args.warmup, args.steps, stage, schema)
+        results[name] = timed_run([*common, f"run={name.split(',')[0]}", *extra], args.warmup, args.steps, stage, schema,
+                                  presets)
         print(f"{label}, {name}: {results[name][0]:.2f} steps/s, peak {results[name][1]:.2f} GiB", flush=True)
     (slow, slow_mem), (fast, fast_mem) = results.values()
     print(f"bf16 / fp32: {fast / slow:.3f}× steps/s, {fast_mem / slow_mem:.3f}× peak memory")
