@@ -139,6 +139,9 @@ def win_rates(cfg: EvaluateConfig, images: list[Path]) -> dict[str, dict]:
         for judge, r in results[name]["judges"].items():
             print(f"{name}: win rate over its reference by {judge}: {r['win_rate']:.3f} "
                   f"[{r['win_rate_ci_low']:.3f}, {r['win_rate_ci_high']:.3f}] ({r['n_pairs']} pairs, {r['n_images']} images)")
+        # A win rate counts consistent differences however small: the PSNRs say how far the decoder moved.
+        print(f"{name}: mean PSNR {results[name]['psnr_post']:.2f} dB against its reference's "
+              f"{results[name]['psnr_reference']:.2f} dB")
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.out_dir) / "win_rates.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
