@@ -102,13 +102,14 @@ def run(cfg: EvaluateConfig) -> dict[str, dict]:
     if cfg.fid_kid and not fid:
         unavailable["fid"] = unavailable["kid"] = distribution.unavailable()
     _WORKER.update(features=feature_measures, fid=fid)
-    rows = learned_rows(cfg, images, metrics) + restoration_rows(cfg, images, metrics)
     for codec in cfg.classical:
         why = CODECS[codec].unavailable()
         if why:
             print(f"codec {codec}: unavailable: {why}")
             unavailable[codec] = why
-    rows += classical_rows(cfg, images, metrics, [c for c in cfg.classical if c not in unavailable])
+    # The anchors' worker processes fork before the learned models start CUDA: a forked child cannot use it.
+    classical = classical_rows(cfg, images, metrics, [c for c in cfg.classical if c not in unavailable])
+    rows = learned_rows(cfg, images, metrics) + restoration_rows(cfg, images, metrics) + classical
     originals = {p.name: distribution.inception_features(to_tensor(load_rgb(p)).unsqueeze(0)) for p in images} if fid else {}
     curves = write_outputs(Path(cfg.out_dir), rows, unavailable, originals)
     if cfg.post_trained:

@@ -93,8 +93,9 @@ def load_final(path: str | Path, expect_stage: Optional[str] = None, need_codec:
 def place(model: StageModule, device: str | torch.device) -> StageModule:
     """The model on ``device`` but its entropy codecs on the CPU. Both ends of a bitstream must
     compute the same probabilities bit for bit, and GPU kernels differ between cards, drivers and
-    runs (a file written on one machine decodes to garbage on another: CompressAI #279); the codec
-    is the small part, the diffusion decoder the one worth a GPU."""
+    runs (a file written on one machine decodes to garbage on another: CompressAI #279; CPU kernels
+    can differ between instruction sets too, far more rarely); the codec is the small part, the
+    diffusion decoder the one worth a GPU."""
     model.to(device)
     for module in model.modules():
         if isinstance(module, CompressionModel):

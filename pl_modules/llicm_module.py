@@ -201,7 +201,7 @@ class LLICMModule(StageModule):
             streams = [encode_image(self.codec, x[None], IN_MEMORY_ID) for x in batch["degraded"]]
             decoded = torch.cat([decode_image(self.codec, s, IN_MEMORY_ID) for s in streams]).to(self.device)
             return {**self.inputs_of_decoded(decoded), "bpp": torch.tensor([s.bits_per_pixel() for s in streams])}
-        return self.inputs_of_decoded(decoded)
+        return self.inputs_of_decoded(decoded.to(self.device))
 
     def inputs_of_decoded(self, decoded: torch.Tensor) -> dict[str, torch.Tensor]:
         logits, tokens = self.controller(self.clip(decoded))
