@@ -279,8 +279,7 @@ class DiffusionPrior(nn.Module):
         with ``guidance`` ≠ 1, classifier-free guidance away from the ``unconditional`` context
         (the condition latent is kept in both passes: only the text is guided)."""
         self.scheduler.set_timesteps(steps or self.cfg.sample_steps, device=condition.device)
-        # Drawn where the generator lives (the CPU, for decoders): a file's seed starts the same
-        # noise on every device, so CPU and GPU decodes differ by float rounding alone.
+        # Drawn on the generator's device (decoders': the CPU), so a file's seed means one noise everywhere.
         latents = torch.randn(condition.shape[0], self.unet.config.out_channels, *condition.shape[-2:],
                               generator=generator, device=generator.device if generator else condition.device,
                               dtype=condition.dtype).to(condition.device)
