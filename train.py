@@ -11,7 +11,7 @@ EXIT_CONFIG, EXIT_FAILED = 2, 1
 EXIT_REQUEUED = 3
 """Stopped on SIGUSR1 after saving last.ckpt (and requeued under SLURM): the same command resumes."""
 DEVICE_HELP = ("where the networks run: auto (the GPU when there is one), cpu, cuda, cuda:1; the entropy "
-               "codec always runs on the CPU, so a file decodes the same on any machine")
+               "codec always runs on the CPU, so a file written on a GPU machine decodes on any other")
 
 
 def schema_help(schema) -> str:

@@ -21,7 +21,7 @@ from evaluation.classical import CODECS, code
 from evaluation.rd import plot_rd
 from pl_modules import features
 from pl_modules.bitstream import round_trip
-from pl_modules.finals import load_final
+from pl_modules.finals import load_final, resolve_device
 from pl_modules.judges import build_judge
 from pl_modules.metrics import Unavailable, availability, measure
 
@@ -87,6 +87,7 @@ class EvaluateConfig:
 
 
 def run(cfg: EvaluateConfig) -> dict[str, dict]:
+    resolve_device(cfg.device)  # an absent device is refused before the anchors take minutes
     unknown = [c for c in cfg.classical if c not in CODECS]
     if unknown:
         raise ValueError(f"unknown classical codecs {unknown}; choose from {sorted(CODECS)}")

@@ -175,6 +175,10 @@ def test_a_device_that_is_not_here_is_refused_in_one_line_and_nothing_is_written
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and "no CUDA device here" in errors[0] and "device 'tpu9': Invalid" in errors[1]
     assert not out.exists()
+    # evaluate refuses it before the anchors spend minutes.
+    assert main(["evaluate", f"images={eval_dir}", f"models=[{final}]", "classical=[jpeg]", "device=cuda",
+                 f"out_dir={tmp_path / 'eval'}"]) == 1
+    assert "no CUDA device here" in capsys.readouterr().err and not (tmp_path / "eval").exists()
     assert main(["compress", str(image), "-m", str(final), "-o", str(out), "--device", "auto"]) == 0
     assert main(["decompress", str(out), "-o", str(tmp_path / "x.png"), "-m", str(final), "--device", "cpu"]) == 0
     # Outside training the entropy codec computes on the CPU whatever the device (finals.place).
