@@ -19,6 +19,20 @@ CONTROL_KINDS = ("concat", "controlnet")
 CONTROLNET_FILE = "controlnet.safetensors"
 
 
+def expand_conv_in(unet: nn.Module, extra: int) -> None:
+    """Give the UNet's first conv ``extra`` more input channels with zero weights: at init the
+    output is exactly the pretrained one, whatever the extra channels hold."""
+    old = unet.conv_in
+    new = nn.Conv2d(old.in_channels + extra, old.out_channels, old.kernel_size, old.stride, old.padding,
+                    dtype=old.weight.dtype, device=old.weight.device)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, : old.in_channels] = old.weight
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=old.in_channels + extra)
+
+
 def build_controlnet(unet: nn.Module, condition_channels: int) -> nn.Module:
     """A ControlNet initialised from ``unet`` (before any LoRA or conv_in change), fed a condition
     of ``condition_channels`` at the UNet's own resolution."""

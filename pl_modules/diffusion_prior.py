@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from pl_modules.control_branch import CONTROL_KINDS, CONTROLNET_FILE, build_controlnet, controlled_unet
+from pl_modules.control_branch import CONTROL_KINDS, CONTROLNET_FILE, build_controlnet, controlled_unet, expand_conv_in
 from pl_modules.latent_tiles import tiled
 from pl_modules.presets import resolve_pretrained
 
@@ -385,17 +385,3 @@ def _check(cfg: DiffusionPriorConfig) -> None:
         raise ValueError(f"prior.control must be one of {CONTROL_KINDS}, got '{cfg.control}'")
     if cfg.train_unet and cfg.lora_rank:
         raise ValueError("prior.train_unet=true trains the whole UNet: set prior.lora_rank=0")
-
-
-def expand_conv_in(unet: nn.Module, extra: int) -> None:
-    """Give the UNet's first conv ``extra`` more input channels with zero weights: at init the
-    output is exactly the pretrained one, whatever the extra channels hold."""
-    old = unet.conv_in
-    new = nn.Conv2d(old.in_channels + extra, old.out_channels, old.kernel_size, old.stride, old.padding,
-                    dtype=old.weight.dtype, device=old.weight.device)
-    with torch.no_grad():
-        new.weight.zero_()
-        new.weight[:, : old.in_channels] = old.weight
-        new.bias.copy_(old.bias)
-    unet.conv_in = new
-    unet.register_to_config(in_channels=old.in_channels + extra)

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from pl_modules.diffusion_prior import (CONV_IN_FILE, LORA_FILE, UNET_FILE, DiffusionPrior, DiffusionPriorConfig,
-                                        expand_conv_in)
+from pl_modules.control_branch import expand_conv_in
+from pl_modules.diffusion_prior import CONV_IN_FILE, LORA_FILE, UNET_FILE, DiffusionPrior, DiffusionPriorConfig
 from pl_modules.presets import preset_folder
 from pl_modules.tiny_models import save_tiny_diffusion
 
