@@ -1,8 +1,8 @@
 """What every trained stage shares, so that a method writes only its losses, its metrics and its
 hand-over: one hand-stepped training step (the network's optimizer and, when entropy models train,
-their auxiliary optimizer), per-step seeds, the cross-rank finite-loss check, exact validation
-means, checkpoints without frozen weights, the entropy coder's table reload, and the ``final/``
-files a stage hands to the next.
+their auxiliary optimizer), per-step seeds, the cross-rank health check (finite losses and a
+method's own watch), exact validation means, checkpoints without frozen weights, the entropy
+coder's table reload, and the ``final/`` files a stage hands to the next.
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ class StageModule(L.LightningModule):
         # (seed, step, rank) makes a resumed run draw what the uninterrupted run drew.
         torch.manual_seed(step_seed(self.cfg.trainer.seed, self.global_step, self.global_rank))
         terms, aux_loss = self.losses(batch)
-        self.check_finite(terms["loss"], aux_loss)
+        self.check_health(terms, aux_loss)
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         for optimizer in optimizers:
@@ -138,12 +138,21 @@ class StageModule(L.LightningModule):
             self.log_train(terms, aux_loss)
         return terms["loss"]
 
-    def check_finite(self, loss: torch.Tensor, aux_loss: torch.Tensor) -> None:
-        finite = bool(torch.isfinite(loss) and torch.isfinite(aux_loss))
+    def training_problem(self, terms: Tensors, aux_loss: torch.Tensor) -> Optional[Exception]:
+        """What must stop training before this step's update (None: go on). A method adds its own
+        watch (stage 3: Diffusion-DPO's divergence) and keeps this one."""
+        loss = terms["loss"]
+        if torch.isfinite(loss) and torch.isfinite(aux_loss):
+            return None
+        return FloatingPointError(f"non-finite loss at step {self.global_step} (rank {self.global_rank}: loss "
+                                  f"{loss.item()}, aux {aux_loss.item()}); last.ckpt holds the last good state")
+
+    def check_health(self, terms: Tensors, aux_loss: torch.Tensor) -> None:
+        problem = self.training_problem(terms, aux_loss)
         # Every rank must stop together, or the others would wait on this one's gradients forever.
-        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
-            raise FloatingPointError(f"non-finite loss at step {self.global_step} (rank {self.global_rank}: loss "
-                                     f"{loss.item()}, aux {aux_loss.item()}); last.ckpt holds the last good state")
+        if not self.trainer.strategy.reduce_boolean_decision(problem is None, all=True):
+            raise problem or RuntimeError(f"training stopped at step {self.global_step}: another rank found a "
+                                          f"problem (its log says which)")
 
     def log_train(self, terms: Tensors, aux_loss: torch.Tensor) -> None:
         """Straight to the logger: Lightning's per-step metric bookkeeping costs ~5 % of a CPU step."""

@@ -76,11 +76,15 @@ def diffusion_dpo_loss(model_w: torch.Tensor, model_l: torch.Tensor, ref_w: torc
     errors measure (the prediction type); see the stage-3 schema.
 
     ``implicit_acc`` (inside > 0: the model prefers the winner more than the reference does) is what
-    to watch: the loss can fall towards 0 while the model drifts."""
+    to watch: the loss can fall towards 0 while the model drifts. ``reference_drift`` measures that drift:
+    how far each sample's error under the model has moved from the reference's, relative to the
+    reference's, 0 while the adapter is zero."""
     inside = -0.5 * beta * ((model_w - model_l) - (ref_w - ref_l))
     dpo = -torch.nn.functional.logsigmoid(inside).mean()
     return {"loss": dpo + sft_weight * model_w.mean(), "dpo": dpo, "implicit_acc": (inside > 0).float().mean(),
-            "reward_margin": inside.mean(), "model_ref_mse": 0.5 * ((model_w - ref_w) + (model_l - ref_l)).mean()}
+            "reward_margin": inside.mean(), "model_ref_mse": 0.5 * ((model_w - ref_w) + (model_l - ref_l)).mean(),
+            "reference_drift": ((model_w - ref_w).abs() + (model_l - ref_l).abs()).mean()
+            / (ref_w + ref_l).mean().clamp_min(1e-12)}
 
 
 SC_DISTANCES = ("cosine", "normalized_l2")

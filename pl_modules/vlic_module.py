@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from foundation.config import ModuleConfig, load_config
 from pl_modules import difficmh_module, llicm_module
 from pl_modules.base import StageModule
 from pl_modules.bitstream import Bitstream
 from pl_modules.difficmh_module import DiffICMHModule
+from pl_modules.dpo_watch import DivergenceConfig, DivergenceWatch
 from pl_modules.judges import JudgingConfig, build_combined, build_judge
 from pl_modules.llicm_module import LLICMModule
 from pl_modules.losses import diffusion_dpo_loss, psnr
@@ -74,6 +76,8 @@ class VLICConfig(ModuleConfig):
     """Diffusion-DPO β; 0: by the scheduler's prediction type (epsilon 5000, sample 2000)."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     """The LoRA adapter trained on the frozen stage-2 decoder."""
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    """What notices Diffusion-DPO diverging, which its loss hides, and what it does then."""
     regenerate_every: int = 1
     """Online pairs: draw and judge a new pair per batch item every this many steps (kept in checkpoints)."""
     val_seeds: int = 2
@@ -97,7 +101,7 @@ class VLICModule(StageModule):
     STAGE = STAGE
     CONFIG = VLICConfig
     VAL_METRICS = ("val/win_rate", "val/win_rate_second", "val/psnr", "val/psnr_reference", "val/bpp",
-                   "val/dpo/implicit_acc")
+                   "val/dpo/implicit_acc", "val/dpo/reference_drift")
     PROGRESS_KEY = "implicit_acc"
 
     def __init__(self, cfg: VLICConfig):
@@ -112,6 +116,7 @@ class VLICModule(StageModule):
         if not self.beta:
             raise ValueError(f"beta: no default for prediction type '{prediction}'; set it")
         self.pairs: dict[str, torch.Tensor] = {}
+        self.watch = DivergenceWatch(cfg.divergence)
 
     @functools.cached_property
     def judge(self):
@@ -170,7 +175,7 @@ class VLICModule(StageModule):
         if not len(winner):
             zero = sum(p.sum() for p in self.prior.trainable_parameters()) * 0.0
             return {"loss": zero, "dpo": zero.detach(), "implicit_acc": zero.detach(), "reward_margin": zero.detach(),
-                    "model_ref_mse": zero.detach(), "pairs_kept": zero.detach()}
+                    "model_ref_mse": zero.detach(), "reference_drift": zero.detach(), "pairs_kept": zero.detach()}
         with torch.no_grad():
             x_w, x_l = self.prior.encode(winner), self.prior.encode(loser)
         noise = torch.randn_like(x_w)  # one noise and one timestep for winner, loser, model and reference
@@ -209,6 +214,17 @@ class VLICModule(StageModule):
         terms["judge_agreement"] = torch.tensor(getattr(self.judge, "agreement", 1.0))
         return terms, torch.zeros((), device=terms["loss"].device)
 
+    def training_problem(self, terms, aux_loss):
+        problem = super().training_problem(terms, aux_loss)
+        if problem is not None or terms["pairs_kept"] == 0:  # a step without pairs moved nothing
+            return problem
+        diverging = self.watch.update(self.global_step, terms["dpo"].item(), terms["reference_drift"].item())
+        if diverging and self.cfg.divergence.action == "stop":
+            return DPODiverged(f"{diverging}; stopped (divergence.action=stop): last.ckpt holds the last checkpoint")
+        if diverging:
+            rank_zero_warn(f"{diverging} (divergence.action=warn: training goes on)")
+        return None
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Held-out: the win rate of the post-trained decoder over the reference (the stage-2
         decoder) on the same bits and seeds, by both judges; ties count ½."""
@@ -228,7 +244,8 @@ class VLICModule(StageModule):
         with torch.no_grad():
             terms = self.dpo_terms(pairs)
         if terms["pairs_kept"] > 0:
-            self.val_means.add({"val/dpo/implicit_acc": terms["implicit_acc"].item()})
+            self.val_means.add({"val/dpo/implicit_acc": terms["implicit_acc"].item(),
+                                "val/dpo/reference_drift": terms["reference_drift"].item()})
 
     # ---- the post-trained decoder, and its reference --------------------------------------------
     def decoder_inputs(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -276,10 +293,17 @@ class VLICModule(StageModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["vlic_pairs"] = {k: v.cpu() for k, v in self.pairs.items()}
+        checkpoint["dpo_watch"] = self.watch.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         self.pairs = dict(checkpoint.get("vlic_pairs", {}))  # moved to the model's device when used
+        if "dpo_watch" in checkpoint:
+            self.watch.load_state_dict(checkpoint["dpo_watch"])
+
+
+class DPODiverged(RuntimeError):
+    """Diffusion-DPO moved the decoder too far from its reference (divergence.action=stop)."""
 
 
 def is_vote(prefs: torch.Tensor) -> torch.Tensor:

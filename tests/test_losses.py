@@ -88,6 +88,14 @@ def test_diffusion_dpo_loss_against_hand_computed_values():
     worse = diffusion_dpo_loss(rw, l, w, rl, beta=1000.0)  # the other sign: the winner got worse
     assert worse["implicit_acc"].item() == 0.0 and worse["loss"].item() > math.log(2)
     assert worse["model_ref_mse"].item() == pytest.approx(0.0005, rel=1e-3)
+    # Drift: |0.101 − 0.10| + |0.20 − 0.20| over 0.10 + 0.20; none at all when model = reference.
+    assert worse["reference_drift"].item() == pytest.approx(0.001 / 0.30, rel=1e-4)
+    assert equal["reference_drift"].item() == 0.0
+    # Moves that cancel in the mean error still count: |0.1 − 0.2| = |0.3 − 0.2| = 0.1 over 0.2 + 0.2.
+    apart, ref = torch.tensor([0.1, 0.3]), torch.tensor([0.2, 0.2])
+    cancelling = diffusion_dpo_loss(apart, ref, ref, ref, beta=1000.0)
+    assert cancelling["model_ref_mse"].item() == pytest.approx(0.0, abs=1e-7)
+    assert cancelling["reference_drift"].item() == pytest.approx(0.25, rel=1e-5)
     sft = diffusion_dpo_loss(w, l, rw, rl, beta=1000.0, sft_weight=2.0)
     assert sft["loss"].item() == pytest.approx(sft["dpo"].item() + 2.0 * 0.10, rel=1e-5)
 

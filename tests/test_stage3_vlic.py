@@ -1,6 +1,7 @@
 """Stage 3 (VLIC) on tiny random models: Diffusion-DPO of an LL-ICM decoder against itself frozen."""
 import hashlib
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -14,8 +15,9 @@ from evaluation.evaluate import EvaluateConfig, run as evaluate
 from foundation.config import ConfigError, load_config
 from foundation.manifest import read_manifest
 from pl_modules.bitstream import decode_image, encode_image
+from pl_modules.dpo_watch import DivergenceConfig, DivergenceWatch
 from pl_modules.finals import load_final
-from pl_modules.vlic_module import VLICModule
+from pl_modules.vlic_module import DPODiverged, VLICModule
 from stages import stage3_vlic
 from stages.stage2_llicm import Stage2LLICMConfig
 from stages.stage2_llicm import run as run_stage2
@@ -111,6 +113,60 @@ def test_the_reference_is_the_stage2_decoder_and_dpo_learns_the_judges_choices(p
             assert torch.equal(value, frozen[key]), key
 
 
+def test_the_divergence_watch_keeps_running_means_and_speaks_once_per_crossing():
+    watch = DivergenceWatch(DivergenceConfig(max_dpo_loss=1.0, max_reference_drift=0.3, window=2))
+    assert watch.update(0, 0.7, 0.0) is None and watch.update(1, 0.7, 0.4) is None  # drift mean 0.2
+    message = watch.update(2, 0.7, 0.8)  # 0.2 + (0.8 − 0.2) / 2 = 0.5
+    assert "step 2" in message and "moved 50%" in message and "loss" not in message.split(":")[1]
+    assert watch.update(3, 0.7, 0.9) is None  # still over: said already
+    assert watch.update(4, 0.7, 0.0) is None and watch.update(5, 0.7, 0.0) is None and not watch.over
+    message = watch.update(6, 1.5, 0.0)  # the loss: 0.7 + (1.5 − 0.7) / 2 = 1.1
+    assert "loss averages 1.100" in message and "moved" not in message
+    resumed = DivergenceWatch(watch.cfg)
+    resumed.load_state_dict(watch.state_dict())
+    assert resumed.update(7, 3.0, 1.0) == watch.update(7, 3.0, 1.0) is None  # over already, in both
+    assert resumed.means == watch.means
+    with pytest.raises(ValueError, match="divergence.action must be one of"):
+        DivergenceConfig(action="halt")
+    with pytest.raises(ValueError, match="max_dpo_loss above log 2"):
+        DivergenceConfig(max_dpo_loss=0.5)
+
+
+@pytest.mark.stage
+def test_dpo_at_a_runaway_learning_rate_is_caught_by_the_watch(parent, pair_shards):
+    """Online DPO on the tiny prior's own samples: at a sound learning rate the watch stays quiet; at a
+    runaway one it warns (and, told to, stops the run before the update)."""
+    batch = next(iter(CropStream(read_index(pair_shards), 64, 6, seed=0)))
+
+    def train(lr: float, steps: int = 10, action: str = "warn"):
+        torch.manual_seed(0)
+        learner = module_from(parent, divergence={"action": action})
+        optimizer = torch.optim.Adam(learner.prior.trainable_parameters(), lr=lr)
+        problems = []
+        for step in range(steps):
+            pairs = learner.draw_pairs(batch, step, "judge")
+            torch.manual_seed(step)
+            terms = learner.dpo_terms(pairs)
+            problems.append(learner.training_problem(terms, torch.zeros(())))
+            optimizer.zero_grad()
+            terms["loss"].backward()
+            optimizer.step()
+        return learner, problems
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sound, problems = train(1e-4)
+    assert not [w for w in caught if "Diffusion-DPO" in str(w.message)]
+    assert problems == [None] * 10 and sound.watch.means["dpo"] < 0.8
+    with pytest.warns(UserWarning, match="Diffusion-DPO is diverging at step .*loss averages"):
+        runaway, problems = train(3e-1)
+    assert problems == [None] * 10 and runaway.watch.means["dpo"] > 2.0  # warned: trained on
+    stopped, problems = train(3e-1, action="stop")
+    first = next(i for i, p in enumerate(problems) if p is not None)
+    assert isinstance(problems[first], DPODiverged) and "action=stop" in str(problems[first])
+    assert problems[:first] == [None] * first
+
+
 @pytest.mark.chain
 def test_a_stage3_final_decodes_its_parents_bitstreams_and_works_with_the_codec_commands(
         stage3_final, parent, eval_dir, tmp_path):
@@ -160,6 +216,17 @@ def test_stage3_resumes_to_the_adapter_of_an_uninterrupted_run(stage3_final, par
     resumed = stage3_vlic.run(cfg)
     digest = lambda folder: hashlib.sha256((folder / "unet_lora_vlic.safetensors").read_bytes()).hexdigest()  # noqa: E731
     assert digest(resumed) == digest(stage3_final[1])
+
+
+@pytest.mark.fault
+def test_a_diverging_stage3_run_told_to_stop_ends_with_the_reason_and_no_final(parent, pair_shards, eval_dir,
+                                                                                tmp_path):
+    cfg = load_config(Stage3VLICConfig, overrides=[*stage3_overrides(pair_shards, eval_dir, parent),
+                                                   f"output_root={tmp_path}", "divergence.action=stop",
+                                                   "divergence.max_reference_drift=1e-9"])  # any move is too far
+    with pytest.raises(DPODiverged, match=r"diverging at step 1: .*denoising errors have moved"):
+        stage3_vlic.run(cfg)
+    assert not (cfg.stage_dir / "final").exists()
 
 
 @pytest.mark.chain
