@@ -24,7 +24,7 @@ from pl_modules import difficmh_module, llicm_module
 from pl_modules.base import StageModule
 from pl_modules.bitstream import Bitstream
 from pl_modules.difficmh_module import DiffICMHModule
-from pl_modules.dpo_watch import DivergenceConfig, DivergenceWatch
+from pl_modules.dpo_watch import DivergenceConfig, DivergenceWatch, pair_psnr
 from pl_modules.judges import JudgingConfig, build_combined, build_judge
 from pl_modules.llicm_module import LLICMModule
 from pl_modules.losses import diffusion_dpo_loss, psnr
@@ -101,7 +101,7 @@ class VLICModule(StageModule):
     STAGE = STAGE
     CONFIG = VLICConfig
     VAL_METRICS = ("val/win_rate", "val/win_rate_second", "val/psnr", "val/psnr_reference", "val/bpp",
-                   "val/dpo/implicit_acc", "val/dpo/reference_drift")
+                   "val/dpo/implicit_acc", "val/dpo/reference_drift", "val/dpo/pair_psnr")
     PROGRESS_KEY = "implicit_acc"
 
     def __init__(self, cfg: VLICConfig):
@@ -207,6 +207,10 @@ class VLICModule(StageModule):
             self.pairs = self.draw_pairs(batch, step_seed(self.cfg.trainer.seed, self.global_step, self.global_rank),
                                          self.cfg.labels)
         terms = self.dpo_terms({k: v.to(self.device) for k, v in self.pairs.items()})
+        terms["pair_psnr"] = pair_psnr(self.pairs["a"], self.pairs["b"]).median()
+        too_close = self.watch.check_pairs(self.global_step, terms["pair_psnr"].item())
+        if too_close:
+            rank_zero_warn(too_close)
         # Unsure, failed or disagreeing judgments are no votes: how many, and how often judges agreed.
         prefs = self.pairs["prefs"]
         terms["judge_no_vote"] = (~is_vote(prefs)).float().sum()
@@ -246,6 +250,7 @@ class VLICModule(StageModule):
         if terms["pairs_kept"] > 0:
             self.val_means.add({"val/dpo/implicit_acc": terms["implicit_acc"].item(),
                                 "val/dpo/reference_drift": terms["reference_drift"].item()})
+        self.val_means.add({"val/dpo/pair_psnr": pair_psnr(pairs["a"], pairs["b"]).median().item()})
 
     # ---- the post-trained decoder, and its reference --------------------------------------------
     def decoder_inputs(self, batch: dict) -> dict[str, torch.Tensor]:

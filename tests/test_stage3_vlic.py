@@ -15,7 +15,7 @@ from evaluation.evaluate import EvaluateConfig, run as evaluate
 from foundation.config import ConfigError, load_config
 from foundation.manifest import read_manifest
 from pl_modules.bitstream import decode_image, encode_image
-from pl_modules.dpo_watch import DivergenceConfig, DivergenceWatch
+from pl_modules.dpo_watch import ROUNDING_PSNR_DB, DivergenceConfig, DivergenceWatch, pair_psnr
 from pl_modules.finals import load_final
 from pl_modules.vlic_module import DPODiverged, VLICModule
 from stages import stage3_vlic
@@ -113,6 +113,7 @@ def test_the_reference_is_the_stage2_decoder_and_dpo_learns_the_judges_choices(p
             assert torch.equal(value, frozen[key]), key
 
 
+@pytest.mark.unit
 def test_the_divergence_watch_keeps_running_means_and_speaks_once_per_crossing():
     watch = DivergenceWatch(DivergenceConfig(max_dpo_loss=1.0, max_reference_drift=0.3, window=2))
     assert watch.update(0, 0.7, 0.0) is None and watch.update(1, 0.7, 0.4) is None  # drift mean 0.2
@@ -130,6 +131,30 @@ def test_the_divergence_watch_keeps_running_means_and_speaks_once_per_crossing()
         DivergenceConfig(action="halt")
     with pytest.raises(ValueError, match="max_dpo_loss above log 2"):
         DivergenceConfig(max_dpo_loss=0.5)
+
+
+@pytest.mark.unit
+def test_pairs_closer_than_8_bit_rounding_are_told_once():
+    assert ROUNDING_PSNR_DB == pytest.approx(58.92, abs=0.01)  # 10·log10(12·255²)
+    a = torch.zeros(2, 3, 4, 4)
+    b = torch.stack([torch.full((3, 4, 4), 0.1), torch.zeros(3, 4, 4)])
+    assert pair_psnr(a, b).tolist() == pytest.approx([20.0, 100.0])  # MSE 0.01; equal images
+    watch = DivergenceWatch(DivergenceConfig())
+    assert watch.check_pairs(0, 40.0) is None
+    message = watch.check_pairs(1, 63.3)
+    assert "step 1" in message and "63.3 dB apart" in message and "58.9 dB" in message
+    assert watch.check_pairs(2, 70.0) is None  # once
+
+
+@pytest.mark.stage
+def test_a_decoder_whose_two_samples_are_one_image_is_told_that_dpo_has_nothing_to_learn(parent, pair_shards):
+    learner = module_from(parent)
+    batch = next(iter(CropStream(read_index(pair_shards), 64, 2, seed=0)))
+    one = learner.decoder.generate(learner.decoder_inputs(batch), 0)
+    learner.decoder.generate = lambda inputs, seed, steps=None: one  # every seed gives the same image
+    with pytest.warns(UserWarning, match="nothing to choose between"):
+        terms, _ = learner.losses(batch)
+    assert terms["pair_psnr"].item() == 100.0 and terms["pairs_kept"].item() == 0.0  # ties are no votes
 
 
 @pytest.mark.stage
