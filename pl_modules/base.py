@@ -154,6 +154,15 @@ class StageModule(L.LightningModule):
             raise problem or RuntimeError(f"training stopped at step {self.global_step}: another rank found a "
                                           f"problem (its log says which)")
 
+    def reduce_over_ranks(self, value: torch.Tensor, op: str) -> torch.Tensor:
+        """``value`` summed or averaged (``op``) over the ranks; as it is without a trainer (one process).
+        A failing reduce fails: it must not leave the ranks apart."""
+        try:
+            strategy = self.trainer.strategy
+        except RuntimeError:  # no trainer attached
+            return value
+        return strategy.reduce(value, reduce_op=op)
+
     def log_train(self, terms: Tensors, aux_loss: torch.Tensor) -> None:
         """Straight to the logger: Lightning's per-step metric bookkeeping costs ~5 % of a CPU step."""
         scalars = {f"train/{k}": v.item() for k, v in terms.items()}

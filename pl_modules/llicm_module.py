@@ -167,13 +167,8 @@ class LLICMModule(StageModule):
     def step_rate_weight(self, log_ratio: torch.Tensor) -> None:
         """One dual-ascent step of rate_match: β grows while the codec spends more than its parent.
         Inside the training step, so that a checkpoint taken after it holds the updated β."""
-        try:
-            strategy = self.trainer.strategy
-        except RuntimeError:  # no trainer attached: one process
-            strategy = None
-        if strategy is not None:  # a failing reduce must fail, not leave the ranks' β apart
-            # Every rank takes the same step: the mean log-ratio over the ranks' batches.
-            log_ratio = strategy.reduce(log_ratio, reduce_op="mean")
+        # Every rank takes the same step: the mean log-ratio over the ranks' batches.
+        log_ratio = self.reduce_over_ranks(log_ratio, "mean")
         self.rate_log_scale += self.cfg.rate_match_step * log_ratio.to(self.rate_log_scale)
 
     def manifest_params(self) -> dict:

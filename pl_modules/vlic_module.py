@@ -220,9 +220,16 @@ class VLICModule(StageModule):
 
     def training_problem(self, terms, aux_loss):
         problem = super().training_problem(terms, aux_loss)
-        if problem is not None or terms["pairs_kept"] == 0:  # a step without pairs moved nothing
+        if problem is not None:
             return problem
-        diverging = self.watch.update(self.global_step, terms["dpo"].item(), terms["reference_drift"].item())
+        # The watch follows all ranks' pairs, weighted by how many each kept: every rank reaches the
+        # same verdict, and rank 0's checkpointed watch is every rank's.
+        kept = terms["pairs_kept"]
+        totals = torch.stack([kept, terms["dpo"] * kept, terms["reference_drift"] * kept]).detach()
+        kept, dpo, drift = self.reduce_over_ranks(totals, "sum").tolist()
+        if kept == 0:  # no rank kept a pair: nothing moved
+            return None
+        diverging = self.watch.update(self.global_step, dpo / kept, drift / kept)
         if diverging and self.cfg.divergence.action == "stop":
             return DPODiverged(f"{diverging}; stopped (divergence.action=stop): last.ckpt holds the last checkpoint")
         if diverging:
