@@ -62,7 +62,9 @@ class SaveAndRequeueOnSignal(Callback):
         self.signalled = False
         self.previous = None
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # From setup, not on_train_start: a signal during start-up (data, compile, the logger's first
+        # write) must not kill the job unrequeued; the first step's end acts on it.
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGUSR1, self._on_signal)
 

@@ -130,6 +130,25 @@ def test_sigusr1_saves_at_the_step_boundary_stops_without_a_final_and_resumes_bi
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+class SignalWhileStarting(Callback):
+    """The signal after the logger's first write and before the first step (a compile, the loaders)."""
+
+    def on_fit_start(self, trainer, pl_module):
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
+@pytest.mark.fault
+def test_a_sigusr1_while_the_run_starts_saves_after_the_first_step_instead_of_killing_the_job(
+        tmp_path, shard_dir, eval_dir, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    cfg = tiny_stage1(tmp_path, shard_dir, eval_dir, "trainer.max_steps=4", "trainer.checkpoint_every=100",
+                      "trainer.val_every=4", "data.val_max_images=1")
+    with pytest.raises(trainer_module.Requeued, match=r"saved .*last.ckpt at step 1; the same command resumes"), \
+            trainer_module.extra_callbacks(SignalWhileStarting()):
+        stage1.run(cfg)
+    assert torch.load(cfg.stage_dir / "last.ckpt", weights_only=False)["global_step"] == 1
+
+
 @pytest.mark.stage
 def test_compress_decompress_cli_gives_the_validation_pixels_and_the_file_bpp(trained_run, eval_dir, tmp_path, capsys):
     _, final = trained_run
