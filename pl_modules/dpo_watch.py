@@ -1,8 +1,8 @@
 """Notices what Diffusion-DPO's loss hides: pairs with nothing to choose between, and divergence.
 
-Pairs: the quickstart's stage-2 decoder drew two reconstructions of a bitstream 63 dB apart (median
-PSNR between them), closer than 8-bit rounding; the judge then picks at random and DPO learns noise
-(docs/results.md). The watch measures each draw and says so once.
+Pairs: the quickstart's stage-2 decoder, after 120 steps, drew two reconstructions of a bitstream
+63 dB apart (median PSNR between them), closer than 8-bit rounding; the judge then picks at random
+and DPO learns noise (docs/results.md). The watch measures each draw and says so once.
 
 Divergence, two ways, both measured here (docs/results.md): on the tiny pixel prior at too high a
 learning rate the loss stayed between 0.69 and 0.86 while the decoder lost 1.4 dB and every held-out
