@@ -145,7 +145,7 @@ class StageModule(L.LightningModule):
         if torch.isfinite(loss) and torch.isfinite(aux_loss):
             return None
         return FloatingPointError(f"non-finite loss at step {self.global_step} (rank {self.global_rank}: loss "
-                                  f"{loss.item()}, aux {aux_loss.item()}); last.ckpt holds the last good state")
+                                  f"{loss.item()}, aux {aux_loss.item()}); last.ckpt, if any, holds the last good state")
 
     def check_health(self, terms: Tensors, aux_loss: torch.Tensor) -> None:
         problem = self.training_problem(terms, aux_loss)

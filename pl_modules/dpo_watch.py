@@ -43,7 +43,8 @@ class DivergenceConfig:
     """Limit on the running mean of ``reference_drift``: the model's per-sample denoising errors'
     distance from the reference's, relative to the reference's."""
     window: int = 20
-    """Steps the running means span (a plain mean over the first ``window`` steps)."""
+    """Steps the running means span: a plain mean over the first ``window`` steps, then each step
+    weighs 1/``window`` (an exponential mean: no buffer of past steps to checkpoint)."""
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -59,7 +60,7 @@ class DivergenceWatch:
 
     def __init__(self, cfg: DivergenceConfig):
         self.cfg = cfg
-        self.means = {"dpo": math.log(2), "reference_drift": 0.0}
+        self.means = {"dpo": 0.0, "reference_drift": 0.0}  # the first step replaces them
         self.steps = 0
         self.over = False
         self.told_indistinguishable = False
@@ -92,11 +93,13 @@ class DivergenceWatch:
         self.over = bool(reasons)
         if not crossed:
             return None
-        return (f"Diffusion-DPO is diverging at step {step}: {' and '.join(reasons)}, over the last {span} steps; "
+        return (f"Diffusion-DPO is diverging at step {step}: {' and '.join(reasons)}, running means over {span} steps; "
                 f"lower optim.lr or beta")
 
     def state_dict(self) -> dict:
-        return {"means": dict(self.means), "steps": self.steps, "over": self.over}
+        return {"means": dict(self.means), "steps": self.steps, "over": self.over,
+                "told_indistinguishable": self.told_indistinguishable}
 
     def load_state_dict(self, state: dict) -> None:
         self.means, self.steps, self.over = dict(state["means"]), state["steps"], state["over"]
+        self.told_indistinguishable = state.get("told_indistinguishable", False)  # absent before 2026-12-03

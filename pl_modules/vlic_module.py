@@ -208,9 +208,6 @@ class VLICModule(StageModule):
                                          self.cfg.labels)
         terms = self.dpo_terms({k: v.to(self.device) for k, v in self.pairs.items()})
         terms["pair_psnr"] = pair_psnr(self.pairs["a"], self.pairs["b"]).median()
-        too_close = self.watch.check_pairs(self.global_step, terms["pair_psnr"].item())
-        if too_close:
-            rank_zero_warn(too_close)
         # Unsure, failed or disagreeing judgments are no votes: how many, and how often judges agreed.
         prefs = self.pairs["prefs"]
         terms["judge_no_vote"] = (~is_vote(prefs)).float().sum()
@@ -220,18 +217,27 @@ class VLICModule(StageModule):
 
     def training_problem(self, terms, aux_loss):
         problem = super().training_problem(terms, aux_loss)
-        if problem is not None:
-            return problem
-        # The watch follows all ranks' pairs, weighted by how many each kept: every rank reaches the
-        # same verdict, and rank 0's checkpointed watch is every rank's.
-        kept = terms["pairs_kept"]
-        totals = torch.stack([kept, terms["dpo"] * kept, terms["reference_drift"] * kept]).detach()
-        kept, dpo, drift = self.reduce_over_ranks(totals, "sum").tolist()
+        # One reduce on every rank, a rank with a non-finite loss too: a collective that one rank
+        # skips hangs the others. The watch follows all ranks' pairs, weighted by how many each
+        # kept, so every rank reaches the same verdict and rank 0's checkpointed watch is every rank's.
+        values = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+        if problem is None:
+            kept = terms["pairs_kept"].item() * len(self.pairs["prefs"])
+            values = [0.0, 1.0, kept, terms["dpo"].item() * kept, terms["reference_drift"].item() * kept,
+                      terms["pair_psnr"].item()]
+        totals = torch.tensor(values, dtype=torch.float64, device=self.device)
+        sick, ranks, kept, dpo, drift, pair_db = self.reduce_over_ranks(totals, "sum").tolist()
+        if sick:
+            return problem  # None on the healthy ranks: check_health stops them with the sick one
+        too_close = self.watch.check_pairs(self.global_step, pair_db / ranks)
+        if too_close:
+            rank_zero_warn(too_close)
         if kept == 0:  # no rank kept a pair: nothing moved
             return None
         diverging = self.watch.update(self.global_step, dpo / kept, drift / kept)
         if diverging and self.cfg.divergence.action == "stop":
-            return DPODiverged(f"{diverging}; stopped (divergence.action=stop): last.ckpt holds the last checkpoint")
+            return DPODiverged(f"{diverging}; stopped (divergence.action=stop): last.ckpt, if any, holds the last "
+                               f"checkpoint")
         if diverging:
             rank_zero_warn(f"{diverging} (divergence.action=warn: training goes on)")
         return None

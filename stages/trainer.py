@@ -64,8 +64,10 @@ class SaveAndRequeueOnSignal(Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # From setup, not on_train_start: a signal during start-up (data, compile, the logger's first
-        # write) must not kill the job unrequeued; the first step's end acts on it.
-        if threading.current_thread() is threading.main_thread():
+        # write) must not kill the job unrequeued; the first step's end acts on it. Only for fit: the
+        # final validation has no step end to act at (a signal there ends the job as SLURM meant; the
+        # rerun resumes from last.ckpt and validates again).
+        if stage == "fit" and threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGUSR1, self._on_signal)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:

@@ -125,7 +125,7 @@ def test_the_divergence_watch_keeps_running_means_and_speaks_once_per_crossing()
     assert "loss averages 1.100" in message and "moved" not in message
     resumed = DivergenceWatch(watch.cfg)
     resumed.load_state_dict(watch.state_dict())
-    assert resumed.update(7, 3.0, 1.0) == watch.update(7, 3.0, 1.0) is None  # over already, in both
+    assert resumed.update(7, 3.0, 1.0) is None and watch.update(7, 3.0, 1.0) is None  # over already, in both
     assert resumed.means == watch.means
     with pytest.raises(ValueError, match="divergence.action must be one of"):
         DivergenceConfig(action="halt")
@@ -144,6 +144,9 @@ def test_pairs_closer_than_8_bit_rounding_are_told_once():
     message = watch.check_pairs(1, 63.3)
     assert "step 1" in message and "63.3 dB apart" in message and "58.9 dB" in message
     assert watch.check_pairs(2, 70.0) is None  # once
+    resumed = DivergenceWatch(watch.cfg)
+    resumed.load_state_dict(watch.state_dict())
+    assert resumed.check_pairs(3, 70.0) is None  # once, across a requeue too
 
 
 @pytest.mark.stage
@@ -152,15 +155,38 @@ def test_a_decoder_whose_two_samples_are_one_image_is_told_that_dpo_has_nothing_
     batch = next(iter(CropStream(read_index(pair_shards), 64, 2, seed=0)))
     one = learner.decoder.generate(learner.decoder_inputs(batch), 0)
     learner.decoder.generate = lambda inputs, seed, steps=None: one  # every seed gives the same image
-    with pytest.warns(UserWarning, match="nothing to choose between"):
-        terms, _ = learner.losses(batch)
+    terms, aux_loss = learner.losses(batch)
     assert terms["pair_psnr"].item() == 100.0 and terms["pairs_kept"].item() == 0.0  # ties are no votes
+    with pytest.warns(UserWarning, match="nothing to choose between"):
+        assert learner.training_problem(terms, aux_loss) is None
+
+
+@pytest.mark.stage
+def test_a_rank_with_a_non_finite_loss_joins_the_watchs_reduce_so_its_peers_do_not_hang(parent, pair_shards):
+    """Every rank must make the same collectives: one whose loss is NaN still joins the watch's
+    reduce (and stops); a healthy rank whose peer is sick leaves the watch alone and lets the base's
+    check stop it with that peer."""
+    learner = module_from(parent)
+    batch = next(iter(CropStream(read_index(pair_shards), 64, 2, seed=0)))
+    terms, aux_loss = learner.losses(batch)
+    reduced = []
+
+    def reduce_with_a_sick_peer(value, op):
+        reduced.append((tuple(value.shape), op))
+        return value + torch.tensor([1.0, 0, 0, 0, 0, 0], dtype=value.dtype)  # a peer is sick
+
+    learner.reduce_over_ranks = reduce_with_a_sick_peer
+    assert learner.training_problem(terms, aux_loss) is None and learner.watch.steps == 0
+    sick = learner.training_problem({**terms, "loss": torch.tensor(float("nan"))}, aux_loss)
+    assert isinstance(sick, FloatingPointError) and "non-finite loss" in str(sick)
+    assert reduced == [((6,), "sum"), ((6,), "sum")] and learner.watch.steps == 0
 
 
 @pytest.mark.stage
 def test_dpo_at_a_runaway_learning_rate_is_caught_by_the_watch(parent, pair_shards):
     """Online DPO on the tiny prior's own samples: at a sound learning rate the watch stays quiet; at a
-    runaway one it warns (and, told to, stops the run before the update)."""
+    runaway one it warns (and, told to, returns the problem, which training_step raises before the
+    update)."""
     batch = next(iter(CropStream(read_index(pair_shards), 64, 6, seed=0)))
 
     def train(lr: float, steps: int = 10, action: str = "warn"):
@@ -169,9 +195,9 @@ def test_dpo_at_a_runaway_learning_rate_is_caught_by_the_watch(parent, pair_shar
         optimizer = torch.optim.Adam(learner.prior.trainable_parameters(), lr=lr)
         problems = []
         for step in range(steps):
-            pairs = learner.draw_pairs(batch, step, "judge")
+            learner.pairs = pairs = learner.draw_pairs(batch, step, "judge")
             torch.manual_seed(step)
-            terms = learner.dpo_terms(pairs)
+            terms = {**learner.dpo_terms(pairs), "pair_psnr": pair_psnr(pairs["a"], pairs["b"]).median()}
             problems.append(learner.training_problem(terms, torch.zeros(())))
             optimizer.zero_grad()
             terms["loss"].backward()
