@@ -70,7 +70,8 @@ SlurmctldHost=localhost
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={root}/munge/socket
+# cred_expire is also how long a requeued job waits before it may start: 120 s by default.
+AuthInfo=socket={root}/munge/socket,cred_expire=10
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
