@@ -11,9 +11,9 @@ from PIL import Image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
 
-# scikit-image's bundled photographs that load without a download: colour, then grey ones saved
-# as RGB. Two of the colour ones are a hubble field and a retina, mostly black; the grey ones add
-# the textures (grass, gravel, brick) and faces that Kodak is full of.
+# scikit-image's bundled photographs that load without a download. Two of the colour ones are a
+# Hubble field and a retina, mostly black; the grey ones have the textures (grass, gravel, brick)
+# and the face that Kodak is full of.
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
                   "immunohistochemistry", "retina", "stereo_motorcycle")
 SKIMAGE_GREY_PHOTOS = ("camera", "brick", "grass", "gravel", "coins")
@@ -76,7 +76,7 @@ def save_png(x: torch.Tensor, path: str | Path) -> None:
 
 
 def write_skimage_photos(out_dir: str | Path) -> list[Path]:
-    """Save scikit-image's bundled photographs as RGB PNGs: data for machines without ../shared."""
+    """Save scikit-image's bundled colour photographs as PNGs: data for machines without ../shared."""
     import skimage.data
 
     out_dir = Path(out_dir)
@@ -90,8 +90,16 @@ def write_skimage_photos(out_dir: str | Path) -> list[Path]:
             path = out_dir / (f"{name}_{i}.png" if len(images) > 1 else f"{name}.png")
             Image.fromarray(image[..., :3]).save(path)
             paths.append(path)
-    for name in SKIMAGE_GREY_PHOTOS:
-        path = out_dir / f"{name}.png"
+    return paths
+
+
+def write_skimage_grey_photos(out_dir: str | Path) -> list[Path]:
+    """Save scikit-image's bundled grey photographs as RGB PNGs (the three channels equal)."""
+    import skimage.data
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.png" for name in SKIMAGE_GREY_PHOTOS]
+    for name, path in zip(SKIMAGE_GREY_PHOTOS, paths):
         Image.fromarray(getattr(skimage.data, name)()).convert("RGB").save(path)
-        paths.append(path)
     return paths

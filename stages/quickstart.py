@@ -9,7 +9,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datamodules.images import write_skimage_photos
+from datamodules.images import write_skimage_grey_photos, write_skimage_photos
 from datamodules.shards import INDEX, write_pair_shards, write_shards
 from evaluation import evaluate
 from evaluation.learned import evaluate_folder, mean_row
@@ -29,7 +29,8 @@ class QuickstartConfig:
     workdir: str = "checkpoints/quickstart"
     """Where photos, shards, the run and the report go."""
     train_dir: str = ""
-    """Training photos; empty: scikit-image's bundled colour photographs less the held-out ones."""
+    """Training photos of every stage; empty: scikit-image's bundled photographs less the held-out ones
+    (stage 1 on the colour and the grey ones, stages 2 and 3 on the colour ones)."""
     held_out: list[str] = field(default_factory=lambda: ["astronaut.png", "coffee.png"])
     """scikit-image photos kept out of training, for validation and the results table."""
     kodak_dir: str = "../shared/data/kodak"
@@ -49,7 +50,10 @@ class QuickstartConfig:
 def run(cfg: QuickstartConfig) -> dict:
     workdir = Path(cfg.workdir)
     held_out_dir = prepare_photos(cfg, workdir / "photos")
-    prepare_shards(cfg, Path(cfg.train_dir or workdir / "photos" / "train"))
+    if cfg.train_dir:
+        prepare_shards(cfg, Path(cfg.train_dir), Path(cfg.train_dir))
+    else:
+        prepare_shards(cfg, workdir / "photos" / "train", workdir / "photos" / "train" / "colour")
     finals = train(cfg)
     sets = {"held-out photos": held_out_dir}
     if Path(cfg.kodak_dir).is_dir():
@@ -102,26 +106,30 @@ def report(cfg: QuickstartConfig, finals: list[Path], images: Path, out_dir: Pat
 
 
 def prepare_photos(cfg: QuickstartConfig, photos: Path) -> Path:
-    """Split scikit-image's photographs into train/ and held_out/ once; returns held_out/."""
+    """Split scikit-image's photographs into train/colour/, train/grey/ and held_out/ once; returns
+    held_out/. The grey ones train the codec only: with them among stage 2's pairs, the restorer's
+    two samples of a bitstream lay 53 dB apart instead of 33, too alike for stage 3 to learn from."""
     held_out = photos / "held_out"
     if not held_out.is_dir():
         staging = photos / "all"
         paths = write_skimage_photos(staging)
         for path in paths:
-            target = held_out if path.name in cfg.held_out else photos / "train"
+            target = held_out if path.name in cfg.held_out else photos / "train" / "colour"
             target.mkdir(parents=True, exist_ok=True)
             shutil.move(str(path), target / path.name)
         staging.rmdir()
+        write_skimage_grey_photos(photos / "train" / "grey")
     return held_out
 
 
-def prepare_shards(cfg: QuickstartConfig, train_dir: Path) -> None:
+def prepare_shards(cfg: QuickstartConfig, codec_photos: Path, pair_photos: Path) -> None:
     """Stage 1's image shards and stage 2's (degraded, clean) pairs, written once."""
     clean, pairs = Path(cfg.stage1.data.train_shards), Path(cfg.stage2.data.train_shards)
     if not (clean / INDEX).is_file():
-        print(write_shards(train_dir, clean).report())
+        print(write_shards(codec_photos, clean).report())
     if not (pairs / INDEX).is_file():
-        print(write_pair_shards(train_dir, pairs, list(cfg.stage2.data.val_tasks), seed=cfg.stage2.trainer.seed).report())
+        print(write_pair_shards(pair_photos, pairs, list(cfg.stage2.data.val_tasks),
+                                seed=cfg.stage2.trainer.seed).report())
 
 
 def table(results: dict[str, list[dict]]) -> str:

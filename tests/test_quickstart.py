@@ -2,6 +2,10 @@ import json
 
 import pytest
 
+import numpy as np
+from PIL import Image
+
+from datamodules.shards import read_index
 from foundation.config import ConfigError, load_config
 from stages import quickstart
 from stages.quickstart import PRESET, QuickstartConfig
@@ -28,6 +32,11 @@ def test_quickstart_runs_three_stages_reports_a_win_rate_and_skips_finished_stag
     assert saved["n_pairs"] == results["n_pairs"] == 2  # two held-out photos, one task, one seed
     assert 0.0 <= saved["win_rate_ci_low"] <= saved["win_rate"] <= saved["win_rate_ci_high"] <= 1.0
     assert saved["win_judge"] == "psnr" and set(saved["win_rates"]) == {"psnr", "haarpsi"}
+    # The codec trains on the seven colour and five grey photos; stage 2's pairs are the colour ones.
+    assert sum(n for _, n in read_index(tmp_path / "shards")) == 12
+    assert sum(n for _, n in read_index(tmp_path / "pairs")) == 7
+    grey = np.asarray(Image.open(tmp_path / "photos" / "train" / "grey" / "grass.png"))
+    assert grey.shape[-1] == 3 and (grey[..., 0] == grey[..., 2]).all() and grey.std() > 10
     rows = saved["stage1"]["held-out photos"]
     # Twelve steps make no codec yet: real bytes and finite numbers are what can be asserted here.
     assert len(rows) == 2 and all(0 < row["bpp"] < 24 and 0 < row["psnr"] < 60 and row["jpeg_psnr_at_bpp"] > 0
