@@ -112,13 +112,15 @@ def prepare_photos(cfg: QuickstartConfig, photos: Path) -> Path:
     held_out = photos / "held_out"
     if not held_out.is_dir():
         staging = photos / "all"
-        paths = write_skimage_photos(staging)
-        for path in paths:
-            target = held_out if path.name in cfg.held_out else photos / "train" / "colour"
-            target.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(path), target / path.name)
+        written = {"colour": write_skimage_photos(staging / "colour"),
+                   "grey": write_skimage_grey_photos(staging / "grey")}
+        for kind, paths in written.items():
+            for path in paths:
+                target = held_out if path.name in cfg.held_out else photos / "train" / kind
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(path), target / path.name)
+            (staging / kind).rmdir()
         staging.rmdir()
-        write_skimage_grey_photos(photos / "train" / "grey")
     return held_out
 
 
