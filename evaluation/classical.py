@@ -117,17 +117,29 @@ def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
 
 def psnr_at_bpp(image: np.ndarray, target_bpp: float, codec: str = "jpeg") -> tuple[float, float]:
     """(bpp, PSNR) of JPEG/WebP at ``target_bpp``: PSNR interpolated linearly in bpp between the two
-    qualities whose files bracket the target (the nearest quality where none does)."""
+    coded qualities whose files bracket the target (the nearest quality where none does). Qualities
+    are bisected, then the ones next to the bracket coded too: a file's size rises with quality but
+    for a few bytes here and there (1 of 2,376 steps of JPEG on Kodak, 3 of 594 of WebP)."""
     pixels = image.shape[0] * image.shape[1]
-    points = []
-    for quality in range(1, 101):
-        data, decoded = code(image, codec, quality)
-        points.append((8 * len(data) / pixels, psnr_uint8(decoded, image)))
-    points.sort()
-    below = [p for p in points if p[0] <= target_bpp]
-    above = [p for p in points if p[0] >= target_bpp]
+    points: dict[int, tuple[float, float]] = {}
+
+    def bpp_of(quality: int) -> float:
+        if quality not in points:
+            data, decoded = code(image, codec, quality)
+            points[quality] = (8 * len(data) / pixels, psnr_uint8(decoded, image))
+        return points[quality][0]
+
+    low, high = 1, 100
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if bpp_of(middle) <= target_bpp else (low, middle)
+    for quality in range(max(1, low - 2), min(100, high + 2) + 1):
+        bpp_of(quality)
+    curve = sorted(points.values())
+    below = [p for p in curve if p[0] <= target_bpp]
+    above = [p for p in curve if p[0] >= target_bpp]
     if not below or not above:
-        return min(points, key=lambda p: abs(p[0] - target_bpp))
+        return min(curve, key=lambda p: abs(p[0] - target_bpp))
     (b0, p0), (b1, p1) = below[-1], above[0]
     weight = 0.0 if b1 == b0 else (target_bpp - b0) / (b1 - b0)
     return target_bpp, p0 + weight * (p1 - p0)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from datamodules.images import list_images, load_rgb, to_tensor
 from evaluation import evaluate, judge
-from evaluation.classical import CODECS, code, psnr_uint8
+from evaluation.classical import CODECS, code, psnr_at_bpp, psnr_uint8
 from evaluation.evaluate import EvaluateConfig
 from evaluation.judge import JudgeConfig
 from pl_modules import metrics
@@ -35,6 +35,21 @@ def test_classical_bpp_and_quality_rise_along_the_ladder(codec, photo):
     rates, quality = zip(*points)
     assert all(a < b for a, b in zip(rates, rates[1:])), rates
     assert quality[-1] > quality[0] + 5
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "webp"])
+@pytest.mark.unit
+def test_psnr_at_bpp_bisects_to_what_coding_every_quality_gives(codec, photo):
+    curve = sorted((8 * len(data) / (256 * 256), psnr_uint8(decoded, photo))
+                   for data, decoded in (code(photo, codec, q) for q in range(1, 101)))
+    for target in (curve[0][0] / 2, 0.3, 0.9, 2.5, curve[-1][0] * 2):
+        below, above = [p for p in curve if p[0] <= target], [p for p in curve if p[0] >= target]
+        if not below or not above:
+            expected = min(curve, key=lambda p: abs(p[0] - target))
+        else:
+            (b0, p0), (b1, p1) = below[-1], above[0]
+            expected = (target, p0 + (target - b0) / (b1 - b0) * (p1 - p0))
+        assert psnr_at_bpp(photo, target, codec) == pytest.approx(expected, abs=1e-12), target
 
 
 @pytest.mark.unit
