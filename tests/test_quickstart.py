@@ -1,8 +1,7 @@
 import json
 
-import pytest
-
 import numpy as np
+import pytest
 from PIL import Image
 
 from datamodules.shards import read_index
