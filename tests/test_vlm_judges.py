@@ -72,6 +72,7 @@ class ScriptedChat:
                 step = server.script.pop(0)
                 if step == "timeout":
                     time.sleep(1.0)
+                    return  # the client has given up: an answer would hit a closed socket (BrokenPipeError)
                 if isinstance(step, int):
                     self.send_response(step)
                     self.end_headers()
