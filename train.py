@@ -34,9 +34,9 @@ def add_config_command(sub, name: str, schema, help_text: str, presets: tuple[Pa
 
 def build_parser() -> argparse.ArgumentParser:
     from evaluation.evaluate import EvaluateConfig
-    from pl_modules.bitstream import DEFAULT_MAX_PIXELS
     from evaluation.judge import JudgeConfig
     from evaluation.tag_bits import TagBitsConfig
+    from pl_modules.core.bitstream import DEFAULT_MAX_PIXELS
     from stages.pipeline import PipelineConfig
     from stages.preference_data import PreferenceShardsConfig
     from stages.quickstart import PRESET, QuickstartConfig
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     from foundation.config import ConfigError
     from foundation.manifest import ManifestError
-    from pl_modules.bitstream import BitstreamError
+    from pl_modules.core.bitstream import BitstreamError
     from stages.trainer import PeerLost, Requeued
 
     args = build_parser().parse_args(argv)

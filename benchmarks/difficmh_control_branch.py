@@ -25,7 +25,7 @@ sys.path.insert(0, {root!r})
 import torch
 from datamodules.images import list_images, load_rgb, to_tensor
 from foundation.config import load_config
-from pl_modules.difficmh_module import DiffICMHModule
+from pl_modules.difficmh.module import DiffICMHModule
 from stages.stage2_difficmh import Stage2DiffICMHConfig
 torch.set_num_threads({threads})
 cfg = load_config(Stage2DiffICMHConfig, [{preset!r}], ["prior.control={control}", "codec_warmup_steps=0",

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DECODE = """
 import resource, sys, time
 sys.path.insert(0, {root!r})
-from pl_modules.bitstream import unpack
+from pl_modules.core.bitstream import unpack
 from pl_modules.finals import load_final
 from pathlib import Path
 final = load_final({final!r})

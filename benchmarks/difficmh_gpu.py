@@ -29,8 +29,8 @@ from benchmarks.diffusion_prior_gpu import save_sd21_sized  # noqa: E402
 from benchmarks.stage2_gpu import compare_precisions, peak_gib, reset_peak  # noqa: E402
 from datamodules.images import list_images, to_tensor  # noqa: E402
 from datamodules.shards import write_shards  # noqa: E402
-from pl_modules.bitstream import pack, unpack  # noqa: E402
-from pl_modules.difficmh_module import STAGE  # noqa: E402
+from pl_modules.core.bitstream import pack, unpack  # noqa: E402
+from pl_modules.difficmh.module import STAGE  # noqa: E402
 from pl_modules.finals import load_final  # noqa: E402
 from stages import stage2_difficmh  # noqa: E402
 
@@ -43,7 +43,7 @@ def save_sd21_text_encoder(folder: Path) -> Path:
     the token ids differ from the real ones, the sizes and the cost do not."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from pl_modules.tiny_models import tiny_clip_tokenizer
+    from pl_modules.prior.tiny_models import tiny_clip_tokenizer
 
     tokenizer = tiny_clip_tokenizer()
     tokenizer.save_pretrained(folder / "tokenizer")

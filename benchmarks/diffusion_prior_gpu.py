@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pl_modules.diffusion_prior import DiffusionPrior, DiffusionPriorConfig  # noqa: E402
-from pl_modules.tiny_models import save_tiny_diffusion  # noqa: E402
+from pl_modules.prior.diffusion_prior import DiffusionPrior, DiffusionPriorConfig  # noqa: E402
+from pl_modules.prior.tiny_models import save_tiny_diffusion  # noqa: E402
 
 SD21_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
                 block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,

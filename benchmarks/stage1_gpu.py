@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.stage1_throughput import timed_stage1  # noqa: E402
 from datamodules.images import load_rgb, to_tensor  # noqa: E402
 from datamodules.shards import write_shards  # noqa: E402
-from pl_modules.bitstream import decode_image, encode_image, pad_to_multiple  # noqa: E402
-from pl_modules.codecs import build_codec  # noqa: E402
+from pl_modules.core.bitstream import decode_image, encode_image, pad_to_multiple  # noqa: E402
+from pl_modules.core.codecs import build_codec  # noqa: E402
 
 
 def training(args, workdir: Path) -> None:

@@ -30,10 +30,10 @@ from torchvision import transforms  # noqa: E402
 from datamodules.images import list_images, load_rgb, to_tensor  # noqa: E402
 from datamodules.shards import write_shards  # noqa: E402
 from foundation.config import load_config  # noqa: E402
-from pl_modules.bitstream import encode_image, pad_to_multiple  # noqa: E402
-from pl_modules.codecs import build_codec  # noqa: E402
+from pl_modules.core.bitstream import encode_image, pad_to_multiple  # noqa: E402
+from pl_modules.core.codecs import build_codec  # noqa: E402
+from pl_modules.core.rate_distortion import bits_per_pixel  # noqa: E402
 from pl_modules.finals import load_final  # noqa: E402
-from pl_modules.losses import bits_per_pixel  # noqa: E402
 from stages import stage1  # noqa: E402
 from stages import trainer as trainer_module  # noqa: E402
 from stages.stage1 import Stage1Config  # noqa: E402

@@ -28,7 +28,7 @@ from stages import trainer as trainer_module  # noqa: E402
 def save_clip_l_vision(folder: Path) -> Path:
     from transformers import CLIPConfig, CLIPModel
 
-    from pl_modules.tiny_models import tiny_clip_tokenizer
+    from pl_modules.prior.tiny_models import tiny_clip_tokenizer
 
     vocab = len(tiny_clip_tokenizer().get_vocab())
     config = CLIPConfig(text_config=dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,

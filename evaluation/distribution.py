@@ -9,7 +9,7 @@ from functools import cache
 import numpy as np
 import torch
 
-from pl_modules.metrics import hub_weights
+from pl_modules.scoring.metrics import hub_weights
 
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 unavailable = hub_weights(FID_WEIGHTS)

@@ -19,11 +19,11 @@ from datamodules.images import centre_crop, list_images, load_rgb, to_tensor
 from evaluation import distribution, preference
 from evaluation.classical import CODECS, code
 from evaluation.rd import plot_rd
-from pl_modules import features
-from pl_modules.bitstream import round_trip
+from pl_modules.core.bitstream import round_trip
 from pl_modules.finals import load_final, resolve_device
-from pl_modules.judges import build_judge
-from pl_modules.metrics import Unavailable, availability, measure
+from pl_modules.scoring import features
+from pl_modules.scoring.judges import build_judge
+from pl_modules.scoring.metrics import Unavailable, availability, measure
 
 # CompressAI's results keys for the metrics that have one.
 RESULT_KEYS = {"psnr": "psnr-rgb"}
@@ -66,7 +66,7 @@ class EvaluateConfig:
     """Stage-3 final/ folders as 'name=path': each one's win rate over its stage-2 reference (same bits,
     same seeds), per judge, with a bootstrap interval over images, on the restorers' tasks and crop."""
     win_judges: list[str] = field(default_factory=lambda: ["psnr", "ms-ssim"])
-    """Judges of the win rate (pl_modules/judges.py); the training judge and at least one independent one."""
+    """Judges of the win rate (pl_modules/scoring/judges.py); the training judge and at least one independent one."""
     win_seeds: int = 2
     """Sampling seeds per image and task for the win rate."""
     restore_seeds: int = 1

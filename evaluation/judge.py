@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.images import list_images, load_rgb, to_tensor
-from pl_modules.judges import Judge, build_judge
-from pl_modules.metrics import Unavailable
+from pl_modules.scoring.judges import Judge, build_judge
+from pl_modules.scoring.metrics import Unavailable
 
 
 @dataclass
@@ -24,7 +24,7 @@ class JudgeConfig:
     out_dir: str = "checkpoints/judge-agreement"
     """Where the synthetic set and judge_agreement.json go."""
     judges: list[str] = field(default_factory=lambda: ["psnr", "ms-ssim", "gmsd", "vif", "haarpsi", "lpips", "dists"])
-    """Judges by name (pl_modules/judges.py): full-reference metrics, or 'clip:<hub id or folder>' (the
+    """Judges by name (pl_modules/scoring/judges.py): full-reference metrics, or 'clip:<hub id or folder>' (the
     side whose CLIP embedding is closer to the reference's wins); one unavailable here is skipped with
     the reason."""
     bootstrap: int = 1000

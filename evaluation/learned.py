@@ -8,8 +8,8 @@ from torchmetrics.functional.image import multiscale_structural_similarity_index
 
 from datamodules.images import list_images, load_rgb, to_tensor
 from evaluation.classical import psnr_at_bpp
-from pl_modules.bitstream import round_trip
-from pl_modules.losses import MS_SSIM_MIN_SIDE, psnr
+from pl_modules.core.bitstream import round_trip
+from pl_modules.core.rate_distortion import MS_SSIM_MIN_SIDE, psnr
 
 
 @torch.no_grad()

@@ -13,9 +13,9 @@ from tqdm import tqdm
 from datamodules.degradations import degrade
 from datamodules.images import centre_crop, load_rgb, to_tensor
 from evaluation.paired import bootstrap_mean
+from pl_modules.core.rate_distortion import psnr
 from pl_modules.finals import Final
-from pl_modules.judges import Judge
-from pl_modules.losses import psnr
+from pl_modules.scoring.judges import Judge
 
 
 @torch.no_grad()

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Optional
 
 from datamodules.images import list_images, load_rgb, to_tensor
-from pl_modules.tag_coding import encode_tags, fixed_length_bits, fixed_length_stored_bits, tag_set_bits
-from pl_modules.taggers import TaggerConfig, build_tagger
+from pl_modules.difficmh.tag_coding import encode_tags, fixed_length_bits, fixed_length_stored_bits, tag_set_bits
+from pl_modules.difficmh.taggers import TaggerConfig, build_tagger
 
 KEYS = ("subset_bits", "unpadded_bits", "fixed_bits", "fixed_stored_bits", "paper_bits")
 PAPER_BITS_PER_TAG = 13

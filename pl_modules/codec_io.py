@@ -8,9 +8,9 @@ from pathlib import Path
 from datamodules.images import load_rgb, save_png, to_tensor
 from foundation.files import atomic_write_bytes
 from foundation.manifest import MANIFEST, ManifestError, read_manifest
-from pl_modules import codec_module
-from pl_modules.bitstream import DEFAULT_MAX_PIXELS, Bitstream, BitstreamError, decode_image, pack, unpack
-from pl_modules.codecs import CODEC_FILE
+from pl_modules.core import codec_module
+from pl_modules.core.bitstream import DEFAULT_MAX_PIXELS, Bitstream, BitstreamError, decode_image, pack, unpack
+from pl_modules.core.codecs import CODEC_FILE
 from pl_modules.finals import decoder_id, load_final
 
 

@@ -14,11 +14,11 @@ from compressai.models import CompressionModel
 
 from foundation.config import load_config
 from foundation.manifest import Manifest, ManifestError, manifest_path, read_manifest
-from pl_modules.base import StageModule
-from pl_modules.codec_module import CodecModule
-from pl_modules.difficmh_module import DiffICMHModule
-from pl_modules.llicm_module import LLICMModule
-from pl_modules.vlic_module import VLICModule
+from pl_modules.core.base import StageModule
+from pl_modules.core.codec_module import CodecModule
+from pl_modules.difficmh.module import DiffICMHModule
+from pl_modules.llicm.module import LLICMModule
+from pl_modules.vlic.module import VLICModule
 
 FINAL_KINDS: dict[str, type[StageModule]] = {}
 

@@ -19,10 +19,10 @@ from datamodules.images import to_uint8
 from datamodules.shards import ShardSink, ShardSummary, read_index
 from datamodules.stream import CropStream
 from foundation.config import ConfigError
+from pl_modules.core.schedules import step_seed
 from pl_modules.finals import load_final
-from pl_modules.judges import JudgingConfig, build_combined
-from pl_modules.schedules import step_seed
-from pl_modules.vlic_module import DECODERS
+from pl_modules.scoring.judges import JudgingConfig, build_combined
+from pl_modules.vlic.module import DECODERS
 
 
 @dataclass
@@ -34,7 +34,7 @@ class PreferenceShardsConfig:
     out_dir: str = "???"
     """Where the preference shards go."""
     judging: JudgingConfig = field(default_factory=JudgingConfig)
-    """The judge (pl_modules/judges.py: e.g. vlm:<folder>, served:<model>@<url>) and how several combine."""
+    """The judge (pl_modules/scoring/judges.py: e.g. vlm:<folder>, served:<model>@<url>) and how several combine."""
     samples: int = 256
     """Judged pairs to write."""
     crop: int = 64

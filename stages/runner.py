@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from foundation.config import ConfigError, to_dict, to_yaml
 from foundation.manifest import Manifest, manifest_path, read_manifest, write_final
-from pl_modules.base import StageModule
+from pl_modules.core.base import StageModule
 from stages.provenance import git_commit
 from stages.trainer import last_checkpoint, train_stage
 

@@ -8,8 +8,8 @@ import lightning as L
 
 from datamodules.codec_data import CodecDataModule, ImageDataConfig
 from foundation.config import ConfigError
-from pl_modules.codec_module import STAGE, CodecModule, CodecModuleConfig
-from pl_modules.codecs import CODEC_FILE, load_codec_weights
+from pl_modules.core.codec_module import STAGE, CodecModule, CodecModuleConfig
+from pl_modules.core.codecs import CODEC_FILE, load_codec_weights
 from stages.config import StageConfig
 from stages.runner import check_parent, run_stage
 

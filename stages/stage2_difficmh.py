@@ -10,8 +10,8 @@ from pathlib import Path
 import lightning as L
 
 from datamodules.codec_data import CodecDataModule, ImageDataConfig
-from pl_modules.codecs import CODEC_FILE, load_codec_weights
-from pl_modules.difficmh_module import STAGE, DiffICMHConfig, DiffICMHModule
+from pl_modules.core.codecs import CODEC_FILE, load_codec_weights
+from pl_modules.difficmh.module import STAGE, DiffICMHConfig, DiffICMHModule
 from stages.config import StageConfig
 from stages.runner import check_parent, run_stage
 

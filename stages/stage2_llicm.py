@@ -11,10 +11,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from datamodules.pair_data import PairDataConfig, PairDataModule
 from foundation.config import ConfigError
 from foundation.manifest import Manifest, manifest_path
-from pl_modules import codec_module
-from pl_modules.codecs import CODEC_FILE, build_codec, load_codec_weights
-from pl_modules.llicm_module import STAGE, LLICMConfig, LLICMModule
-from pl_modules.losses import matched_rate_weight
+from pl_modules.core import codec_module
+from pl_modules.core.codecs import CODEC_FILE, build_codec, load_codec_weights
+from pl_modules.llicm.losses import matched_rate_weight
+from pl_modules.llicm.module import STAGE, LLICMConfig, LLICMModule
 from stages.config import StageConfig
 from stages.runner import check_parent, required_parent, run_stage
 
@@ -27,7 +27,7 @@ class Stage2LLICMConfig(LLICMConfig, StageConfig):
 
 
 def rate_weight(cfg: Stage2LLICMConfig, parent: Manifest) -> float:
-    """β as set, or derived from the parent's λ (pl_modules/losses.py::matched_rate_weight) times beta_scale."""
+    """β as set, or derived from the parent's λ (pl_modules/llicm/losses.py::matched_rate_weight) times beta_scale."""
     if cfg.beta is not None:
         if cfg.beta_scale != 1.0:
             raise ConfigError(f"beta_scale: scales the derived β only, and beta is set ({cfg.beta}); drop one")

@@ -11,7 +11,7 @@ import lightning as L
 from datamodules.pair_data import PairDataConfig, PairDataModule
 from foundation.config import ConfigError
 from foundation.manifest import manifest_path, read_manifest
-from pl_modules.vlic_module import DECODERS, STAGE, VLICConfig, VLICModule
+from pl_modules.vlic.module import DECODERS, STAGE, VLICConfig, VLICModule
 from stages.config import StageConfig
 from stages.runner import required_parent, run_stage
 

@@ -14,7 +14,7 @@ SHARED = ROOT.parent / "shared" / "data"
 from datamodules.images import write_skimage_photos  # noqa: E402
 from datamodules.shards import write_pair_shards, write_shards  # noqa: E402
 from foundation.config import load_config  # noqa: E402
-from pl_modules.tiny_models import save_tiny_clip, save_tiny_diffusion  # noqa: E402
+from pl_modules.prior.tiny_models import save_tiny_clip, save_tiny_diffusion  # noqa: E402
 from stages.stage1 import Stage1Config  # noqa: E402
 
 
