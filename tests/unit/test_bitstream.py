@@ -125,12 +125,13 @@ import resource, sys
 sys.path.insert(0, {root!r})
 from pl_modules.codec_io import decompress_file
 from pl_modules.core.bitstream import BitstreamError
+imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     decompress_file({path!r}, {out!r}, {model!r})
     print("decoded")
 except BitstreamError as err:
     print("refused:", err)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - imported)
 """
 
 
@@ -147,8 +148,9 @@ def test_decompress_refuses_a_forged_header_in_one_line_with_bounded_memory(tmp_
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("refused:") and len(lines) == 2, result.stdout + result.stderr
-    peak_mib = int(lines[1]) / 1024
-    assert peak_mib < 1500, peak_mib  # the interpreter, torch and a tiny codec; decoding would want ~230 GB
+    # Measured past the imports, whose footprint is the machine's (0.9 GiB here, 1.8 GiB on CI), not the file's.
+    grown_mib = int(lines[1]) / 1024
+    assert grown_mib < 200, grown_mib  # a tiny codec's load; decoding would want ~230 GB
     assert not (tmp_path / "x.png").exists()
 
 
